@@ -1,0 +1,1 @@
+"""Scripts that reproduce the paper's figures; each prints a table and writes results/."""

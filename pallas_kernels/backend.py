@@ -1,0 +1,58 @@
+"""The attention backend a model runs on: one set of four functions, chosen by name.
+
+`pallas` compiles the Pallas kernels (GPU), `pallas_interpret` runs the same kernels in the
+Pallas interpreter (any machine; slow, for testing), `xla` runs the jax.numpy references
+(fast on a CPU). `auto` is `pallas` on a GPU and `xla` elsewhere. All four functions have the
+same signatures and results whichever backend provides them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+
+from pallas_kernels import cache_ops, paged_attention, reference
+
+BACKENDS = ("auto", "pallas", "pallas_interpret", "xla")
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    paged_attention: Callable  # (q, k_pages, v_pages, block_tables, lengths, *, sm_scale)
+    ragged_paged_attention: Callable  # (q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale, max_q_len)
+    write_kv: Callable  # (k_pages, v_pages, k, v, slot_mapping) -> (k_pages, v_pages)
+    copy_blocks: Callable  # (k_pages, v_pages, src, dst) -> (k_pages, v_pages)
+
+
+def _pallas(name: str, interpret: bool) -> AttentionBackend:
+    bind = functools.partial(functools.partial, interpret=interpret)
+    return AttentionBackend(
+        name=name,
+        paged_attention=bind(paged_attention.paged_attention),
+        ragged_paged_attention=bind(paged_attention.ragged_paged_attention),
+        write_kv=bind(cache_ops.write_kv),
+        copy_blocks=bind(cache_ops.copy_blocks),
+    )
+
+
+def get_backend(name: str = "auto") -> AttentionBackend:
+    """The backend called `name`; see the module docstring."""
+    if name == "auto":
+        name = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if name == "pallas":
+        return _pallas(name, interpret=False)
+    if name == "pallas_interpret":
+        return _pallas(name, interpret=True)
+    if name == "xla":
+        return AttentionBackend(
+            name=name,
+            paged_attention=reference.paged_attention_reference,
+            ragged_paged_attention=reference.ragged_paged_attention_reference,
+            write_kv=reference.write_kv_reference,
+            copy_blocks=reference.copy_blocks_reference,
+        )
+    raise ValueError(f"unknown attention_backend {name!r}; choose one of {BACKENDS}")

@@ -1,0 +1,395 @@
+"""Paged attention: query tokens attend to a KV cache stored in fixed-size pages.
+
+One Pallas kernel serves every case. Queries of many sequences are concatenated (ragged);
+each sequence reads its context through its block table (logical page -> physical page) and
+its queries are causal over that context: query i of a sequence with `q_len` new tokens and
+`context_len` cached tokens sits at position `context_len - q_len + i`. Prefill, chunked
+prefill, prompts with a cached prefix and decode (`q_len = 1`) are the same computation,
+so `paged_attention` (decode) is `ragged_paged_attention` with one query per sequence.
+
+Work is split into *query tiles*: up to `tokens_per_tile` consecutive tokens of one sequence,
+with all the query heads that share one KV head (GQA/MQA), flattened into `block_rows` rows
+so that the matrix unit sees at least 16 rows even for one decode token. The grid is
+(query tile, KV head, context partition). Long contexts with few tiles are split over
+partitions (split-K) whose partial results are merged by their log-sum-exp.
+
+Each program walks its partition in chunks of `chunk` tokens. A chunk is `chunk // page`
+whole pages gathered through the block table (small pages are grouped so products see >= 16
+rows) or a slice of one page (pages larger than a chunk). Head dims that are not a power of
+two (80, 96) are processed as power-of-two column pieces (64 + 16, 64 + 32): Triton tensors
+must have power-of-two sizes, and splitting the contraction is exact where padding is not free.
+
+GPU Pallas has no scalar prefetch, so each program reads its tile's metadata and the block
+table from memory inside the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import shapes
+from pallas_kernels.platform import resolve_interpret, triton_params
+
+# Masked scores and empty rows use a large finite value: -inf - -inf would be NaN.
+MASK_VALUE = -1e30
+# Programs wanted in flight before split-K stops paying off (about 2 per SM on an H100).
+TARGET_PROGRAMS = 264
+MIN_PARTITION_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Static tiling of one call, chosen from the shapes alone (no device values)."""
+
+    group: int  # query heads per KV head
+    block_rows: int  # query rows per tile: tokens_per_tile * group, padded to a power of two
+    tokens_per_tile: int
+    num_tiles: int
+    chunk: int  # context tokens per inner step
+    page_rows: int  # tokens read from each page per step: min(block_size, chunk)
+    pages_per_chunk: int
+    partition: int  # context tokens per split-K partition, a multiple of chunk
+    num_splits: int
+    pieces: tuple[tuple[int, int], ...]  # (start, size) column pieces of head_dim
+
+
+def head_dim_pieces(head_dim: int) -> tuple[tuple[int, int], ...]:
+    """Power-of-two column pieces covering head_dim, largest first: 80 -> (0,64), (64,16)."""
+    pieces, start = [], 0
+    for bit in reversed(range(head_dim.bit_length())):
+        size = 1 << bit
+        if head_dim - start >= size:
+            pieces.append((start, size))
+            start += size
+    return tuple(pieces)
+
+
+def plan_tiles(
+    *,
+    num_tokens: int,
+    num_seqs: int,
+    max_q_len: int,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_context: int,
+    block_kv: int | None = None,
+    num_splits: int | None = None,
+) -> TilePlan:
+    """Choose tile sizes and split-K partitions from static shapes."""
+    max_q_len = max(1, min(max_q_len, num_tokens))
+    row_cap = max(64, pl.next_power_of_2(group))
+    block_rows = min(max(16, pl.next_power_of_2(group * max_q_len)), row_cap)
+    tokens_per_tile = block_rows // group
+    # Each sequence adds at most one partly filled tile to the ceil(T / tpt) full ones.
+    num_tiles = min(
+        pl.cdiv(num_tokens, tokens_per_tile) + num_seqs,
+        num_seqs * pl.cdiv(max_q_len, tokens_per_tile),
+    )
+    # Keep a [chunk, head_dim] tile of K within 16K elements (register / shared memory budget).
+    chunk = block_kv or max(16, min(128, 16384 // pl.next_power_of_2(head_dim)))
+    chunk = max(chunk, 16)
+    page_rows = min(block_size, chunk)
+    pages_per_chunk = chunk // page_rows
+    if num_splits is None:
+        programs = num_tiles * num_kv_heads
+        num_splits = 1
+        if programs < TARGET_PROGRAMS:
+            num_splits = min(
+                pl.cdiv(TARGET_PROGRAMS, programs),
+                max(1, max_context // MIN_PARTITION_TOKENS),
+            )
+    num_splits = max(1, min(num_splits, pl.cdiv(max_context, chunk)))
+    partition = pl.cdiv(pl.cdiv(max_context, num_splits), chunk) * chunk
+    num_splits = pl.cdiv(max_context, partition)
+    return TilePlan(
+        group=group,
+        block_rows=block_rows,
+        tokens_per_tile=tokens_per_tile,
+        num_tiles=num_tiles,
+        chunk=chunk,
+        page_rows=page_rows,
+        pages_per_chunk=pages_per_chunk,
+        partition=partition,
+        num_splits=num_splits,
+        pieces=head_dim_pieces(head_dim),
+    )
+
+
+
+def attention_plan(
+    q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    block_tables: jax.Array,  # int32[num_seqs, max_blocks_per_seq]
+    *,
+    max_q_len: int | None = None,
+    block_kv: int | None = None,
+    num_splits: int | None = None,
+) -> TilePlan:
+    """The tiling `ragged_paged_attention` uses for these shapes (for benchmarks and tests)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, block_size, _ = k_pages.shape
+    num_seqs, table_width = block_tables.shape
+    return plan_tiles(
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        max_q_len=max_q_len or num_tokens,
+        group=num_q_heads // num_kv_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        max_context=table_width * block_size,
+        block_kv=block_kv,
+        num_splits=num_splits,
+    )
+
+def _attention_kernel(
+    tiles_ref,  # int32[num_tiles, 4]: (seq, first q row, tokens in tile, position of first token)
+    block_tables_ref,  # int32[num_seqs, table_width]
+    q_ref,  # [q_rows_padded, head_dim]  this KV head's query rows, (token, group head) flattened
+    k_pages_ref,  # [num_blocks, block_size, head_dim]  this KV head's pages
+    v_pages_ref,  # [num_blocks, block_size, head_dim]
+    o_ref,  # [block_rows, head_dim]  float32 when split, else q's dtype
+    lse_ref,  # [block_rows]  float32 log-sum-exp of each row's scores in this partition
+    *,
+    plan: TilePlan,
+    sm_scale: float,
+    num_blocks: int,
+    block_size: int,
+    precision: lax.Precision,
+):
+    tile, split = pl.program_id(0), pl.program_id(2)
+    seq = tiles_ref[tile, 0]
+    row0 = tiles_ref[tile, 1]
+    num_q = tiles_ref[tile, 2]
+    first_pos = tiles_ref[tile, 3]
+    rows = plan.block_rows
+
+    # Row r holds token r // group of the tile; rows past the tile's tokens attend to nothing.
+    token = lax.broadcasted_iota(jnp.int32, (rows,), 0) // plan.group
+    row_pos = jnp.where(token < num_q, first_pos + token, -1)  # [rows]
+    kv_end = jnp.where(num_q > 0, first_pos + num_q, 0)
+    start = split * plan.partition
+    stop = jnp.minimum(start + plan.partition, kv_end)
+    num_chunks = pl.cdiv(jnp.maximum(stop - start, 0), plan.chunk)
+
+    q_rows = pl.ds(row0, rows)
+    q = [q_ref[q_rows, pl.ds(c0, dc)] for c0, dc in plan.pieces]  # [rows, dc] each
+
+    def load_chunk(pages_ref, first, c0, dc):  # -> [chunk, dc]
+        page = first // block_size
+        ids = block_tables_ref[seq, pl.ds(page, plan.pages_per_chunk)]  # [pages_per_chunk]
+        ids = jnp.clip(ids, 0, num_blocks - 1)  # table padding may hold any sentinel
+        rows_in_page = pl.ds(first % block_size, plan.page_rows)
+        return pages_ref[ids, rows_in_page, pl.ds(c0, dc)].reshape(plan.chunk, dc)
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        first = start + i * plan.chunk
+        scores = sum(
+            lax.dot_general(
+                qp,
+                load_chunk(k_pages_ref, first, c0, dc),
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            for qp, (c0, dc) in zip(q, plan.pieces)
+        )  # [rows, chunk]
+        kv_pos = first + lax.broadcasted_iota(jnp.int32, (rows, plan.chunk), 1)
+        visible = (kv_pos <= row_pos[:, None]) & (kv_pos < stop)
+        scores = jnp.where(visible, scores * sm_scale, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, scores.max(axis=1))
+        correction = jnp.exp(m_prev - m_next)
+        p = jnp.where(visible, jnp.exp(scores - m_next[:, None]), 0.0)  # [rows, chunk]
+        l_next = l_prev * correction + p.sum(axis=1)
+        acc = [
+            a * correction[:, None]
+            + lax.dot_general(
+                p.astype(v_pages_ref.dtype),
+                load_chunk(v_pages_ref, first, c0, dc),
+                (((1,), (0,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            for a, (c0, dc) in zip(acc, plan.pieces)
+        ]
+        return acc, m_next, l_next
+
+    acc0 = [jnp.zeros((rows, dc), jnp.float32) for _, dc in plan.pieces]
+    m0 = jnp.full((rows,), MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    acc, m, l = lax.fori_loop(0, num_chunks, body, (acc0, m0, l0))
+
+    nonempty = l > 0.0
+    inv_l = jnp.where(nonempty, 1.0 / jnp.where(nonempty, l, 1.0), 0.0)
+    for a, (c0, dc) in zip(acc, plan.pieces):
+        o_ref[:, pl.ds(c0, dc)] = (a * inv_l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), MASK_VALUE)
+
+
+def _owner(ends: jax.Array, index: jax.Array) -> jax.Array:
+    """The sequence owning each index, given the sequences' cumulative end offsets [S].
+    `compare_all` because a binary search lowers to a while loop: one device round trip per
+    step on a GPU."""
+    owner = jnp.searchsorted(ends, index, side="right", method="compare_all")
+    return jnp.minimum(owner, ends.shape[0] - 1)
+
+
+def _tile_metadata(cu_q_lens, context_lens, plan: TilePlan):
+    """Per tile: (seq, first q row, tokens in tile, position of first token); and per sequence
+    the index of its first tile. Tiles past the last real one have no tokens."""
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
+    tiles_per_seq = pl.cdiv(q_lens, plan.tokens_per_tile)
+    tile_end = jnp.cumsum(tiles_per_seq)  # [S]
+    tile_start = tile_end - tiles_per_seq
+    tile = jnp.arange(plan.num_tiles, dtype=jnp.int32)
+    seq = _owner(tile_end, tile)
+    first_token = (tile - tile_start[seq]) * plan.tokens_per_tile  # within the sequence
+    num_q = jnp.clip(q_lens[seq] - first_token, 0, plan.tokens_per_tile)
+    num_q = jnp.where(tile < tile_end[-1], num_q, 0)
+    row0 = (cu_q_lens[seq] + first_token) * plan.group
+    first_pos = context_lens[seq] - q_lens[seq] + first_token
+    tiles = jnp.stack([seq, row0, num_q, first_pos], axis=1).astype(jnp.int32)
+    return tiles, tile_start
+
+
+def _merge_partitions(o, lse):
+    """Combine split-K partials: o [splits, ...rows, D] float32, lse [splits, ...rows]."""
+    lse_max = lse.max(axis=0)
+    weight = jnp.exp(lse - lse_max[None])  # [splits, ...rows]
+    total = weight.sum(axis=0)
+    return (o * weight[..., None]).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "max_q_len", "block_kv", "num_splits", "interpret",
+                     "num_warps", "num_stages"),
+)
+def ragged_paged_attention(
+    q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    block_tables: jax.Array,  # int32[num_seqs, max_blocks_per_seq]
+    context_lens: jax.Array,  # int32[num_seqs]: cached tokens, this step's included
+    cu_q_lens: jax.Array,  # int32[num_seqs + 1]: query token offsets of each sequence
+    *,
+    sm_scale: float | None = None,
+    max_q_len: int | None = None,
+    block_kv: int | None = None,
+    num_splits: int | None = None,
+    interpret: bool | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
+    """Causal attention of ragged query tokens over their sequences' paged contexts.
+
+    `max_q_len` (static) bounds any sequence's query count and sizes the tiles; the default,
+    num_tokens, is always safe. Tokens past `cu_q_lens[-1]` are padding and return zeros.
+    `block_kv` (context tokens per step) and `num_splits` (split-K partitions) default to
+    choices made from the shapes.
+    """
+    shapes.check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens)
+    shapes.check_pallas_shapes(q.shape[-1], k_pages.shape[2])
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_blocks, block_size, _ = k_pages.shape
+    table_width = block_tables.shape[1]
+    group = num_q_heads // num_kv_heads
+    plan = attention_plan(q, k_pages, block_tables, max_q_len=max_q_len, block_kv=block_kv,
+                          num_splits=num_splits)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+
+    tiles, tile_start = _tile_metadata(cu_q_lens, context_lens, plan)
+    # Pad the table so every chunk, including the last partition's, reads inside it.
+    padded_width = pl.cdiv(plan.num_splits * plan.partition, block_size)
+    padded_width = pl.cdiv(padded_width, plan.pages_per_chunk) * plan.pages_per_chunk
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, max(0, padded_width - table_width))))
+    # [T, Hq, D] -> [Hkv, T * group (+ one tile of padding), D]: a tile is a contiguous row range.
+    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    q_rows = q_rows.reshape(num_kv_heads, num_tokens * group, head_dim)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, plan.block_rows), (0, 0)))
+
+    split = plan.num_splits > 1
+    out_dtype = jnp.float32 if split else q.dtype
+    out_shape = (plan.num_splits, num_kv_heads, plan.num_tiles, plan.block_rows)
+    kernel = functools.partial(
+        _attention_kernel,
+        plan=plan,
+        sm_scale=float(sm_scale),
+        num_blocks=num_blocks,
+        block_size=block_size,
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT,
+    )
+    whole = lambda *block: pl.BlockSpec(block, lambda t, h, s: (0,) * len(block))  # noqa: E731
+    per_head = lambda *block: pl.BlockSpec(block, lambda t, h, s: (h,) + (0,) * (len(block) - 1))  # noqa: E731
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(plan.num_tiles, num_kv_heads, plan.num_splits),
+        in_specs=[
+            whole(*tiles.shape),
+            whole(*block_tables.shape),
+            per_head(None, *q_rows.shape[1:]),
+            per_head(None, num_blocks, block_size, head_dim),
+            per_head(None, num_blocks, block_size, head_dim),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, plan.block_rows, head_dim), lambda t, h, s: (s, h, t, 0, 0)),
+            pl.BlockSpec((None, None, None, plan.block_rows), lambda t, h, s: (s, h, t, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(out_shape + (head_dim,), out_dtype),
+            jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        ],
+        interpret=resolve_interpret(interpret),
+        compiler_params=triton_params(num_warps, num_stages),
+        name=f"ragged_paged_attention_rows{plan.block_rows}_chunk{plan.chunk}",
+    )(tiles, block_tables, q_rows, k_pages, v_pages)
+    o = _merge_partitions(o, lse).astype(q.dtype) if split else o[0]  # [Hkv, tiles, rows, D]
+
+    # Gather each token's group rows back out of its tile.
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = _owner(cu_q_lens[1:], token)
+    in_seq = token - cu_q_lens[seq]
+    tile = tile_start[seq] + in_seq // plan.tokens_per_tile
+    row = (in_seq % plan.tokens_per_tile) * group
+    flat = (tile * plan.block_rows + row)[:, None] + jnp.arange(group)  # [T, group]
+    flat = jnp.clip(flat, 0, plan.num_tiles * plan.block_rows - 1)
+    o = o.reshape(num_kv_heads, plan.num_tiles * plan.block_rows, head_dim)[:, flat]
+    o = o.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
+    is_query = (token < cu_q_lens[-1])[:, None, None]
+    return jnp.where(is_query, o, jnp.zeros((), q.dtype))
+
+
+def paged_attention(
+    q: jax.Array,  # [num_seqs, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    block_tables: jax.Array,  # int32[num_seqs, max_blocks_per_seq]
+    lengths: jax.Array,  # int32[num_seqs]: context length including the current token
+    *,
+    sm_scale: float | None = None,
+    block_kv: int | None = None,
+    num_splits: int | None = None,
+    interpret: bool | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:  # [num_seqs, num_q_heads, head_dim]
+    """Decode attention: one query token per sequence over its paged context."""
+    shapes.check_decode(q, block_tables, lengths)
+    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    return ragged_paged_attention(
+        q, k_pages, v_pages, block_tables, lengths, cu_q_lens,
+        sm_scale=sm_scale, max_q_len=1, block_kv=block_kv, num_splits=num_splits,
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+    )
+

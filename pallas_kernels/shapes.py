@@ -1,0 +1,103 @@
+"""Shape and dtype checks shared by the kernels and their references.
+
+They run at trace time (shapes are static), so a bad call fails with a ValueError that names
+the argument before any kernel is compiled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _check_int_vector(name: str, x: jax.Array, length: int) -> None:
+    if x.shape != (length,):
+        _fail(f"{name} must have shape ({length},), got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        _fail(f"{name} must be an integer array, got {x.dtype}")
+
+
+def check_pages(k_pages: jax.Array, v_pages: jax.Array) -> None:
+    """k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim], same shape and dtype."""
+    if k_pages.ndim != 4:
+        _fail(
+            "k_pages must be [num_kv_heads, num_blocks, block_size, head_dim], "
+            f"got shape {k_pages.shape}"
+        )
+    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
+        _fail(
+            f"k_pages {k_pages.shape} {k_pages.dtype} and v_pages {v_pages.shape} "
+            f"{v_pages.dtype} must have the same shape and dtype"
+        )
+    if k_pages.dtype not in SUPPORTED_DTYPES:
+        _fail(f"pages dtype must be float32, bfloat16 or float16, got {k_pages.dtype}")
+
+
+def check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens) -> None:
+    """The ragged attention contract (see ragged_paged_attention)."""
+    check_pages(k_pages, v_pages)
+    if q.ndim != 3:
+        _fail(f"q must be [num_tokens, num_q_heads, head_dim], got shape {q.shape}")
+    num_kv_heads, _, _, head_dim = k_pages.shape
+    if q.shape[2] != head_dim:
+        _fail(f"q head_dim {q.shape[2]} does not match the pages' head_dim {head_dim}")
+    if q.shape[1] % num_kv_heads:
+        _fail(f"num_q_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype != k_pages.dtype:
+        _fail(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype}")
+    if block_tables.ndim != 2 or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        _fail(
+            "block_tables must be an integer [num_seqs, max_blocks_per_seq] array, "
+            f"got {block_tables.shape} {block_tables.dtype}"
+        )
+    num_seqs = block_tables.shape[0]
+    _check_int_vector("context_lens", context_lens, num_seqs)
+    _check_int_vector("cu_q_lens", cu_q_lens, num_seqs + 1)
+
+
+def check_decode(q, block_tables, lengths) -> None:
+    """The decode contract: one query per sequence."""
+    if q.ndim != 3:
+        _fail(f"q must be [num_seqs, num_q_heads, head_dim], got shape {q.shape}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
+        _fail(
+            f"block_tables must be [num_seqs={q.shape[0]}, max_blocks_per_seq], "
+            f"got shape {block_tables.shape}"
+        )
+    _check_int_vector("lengths", lengths, q.shape[0])
+
+
+def check_pallas_shapes(head_dim: int, block_size: int) -> None:
+    """What the Pallas kernels need beyond the contract: Triton tiles are powers of two."""
+    if head_dim % 16:
+        _fail(f"the Pallas kernels need head_dim to be a multiple of 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        _fail(f"the Pallas kernels need block_size to be a power of two, got {block_size}")
+
+
+def check_write(k_pages, v_pages, k, v, slot_mapping) -> None:
+    """k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: int[num_tokens]."""
+    check_pages(k_pages, v_pages)
+    num_kv_heads, _, _, head_dim = k_pages.shape
+    expected = (k.shape[0], num_kv_heads, head_dim)
+    if k.ndim != 3 or k.shape != expected or v.shape != expected:
+        _fail(
+            f"k and v must be [num_tokens, num_kv_heads={num_kv_heads}, head_dim={head_dim}], "
+            f"got {k.shape} and {v.shape}"
+        )
+    _check_int_vector("slot_mapping", slot_mapping, k.shape[0])
+
+
+def check_copy(k_pages, v_pages, src, dst) -> None:
+    """src, dst: int[num_copies] block ids."""
+    check_pages(k_pages, v_pages)
+    if src.ndim != 1:
+        _fail(f"src must be a 1-D block id array, got shape {src.shape}")
+    _check_int_vector("dst", dst, src.shape[0])
+    _check_int_vector("src", src, src.shape[0])

@@ -1,0 +1,22 @@
+import os
+import sys
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def pytest_report_header(config):
+    mode = "compiled (Triton)" if ON_GPU else "interpret mode"
+    return f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Pallas kernels run {mode}"
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random inputs for every test case, reproducible from the test's name."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
