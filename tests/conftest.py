@@ -20,3 +20,18 @@ def pytest_report_header(config):
 def rng(request):
     """Fresh random inputs for every test case, reproducible from the test's name."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(variant) -> directory of a tiny random HF model, made once per session."""
+    from hf_checkpoints import save_checkpoint
+
+    made = {}
+
+    def get(variant: str):
+        if variant not in made:
+            made[variant] = save_checkpoint(variant, tmp_path_factory.mktemp(variant))
+        return made[variant]
+
+    return get
