@@ -60,6 +60,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def report(name: str, title: str, body: str) -> Path:
+    """Print a benchmark's table and write it to results/<name>.md."""
+    print(body)
+    path = write_result(name, title, body)
+    print(f"\nwrote {path}")
+    return path
+
+
 def write_result(name: str, title: str, body: str) -> Path:
     """Write results/<name>.md with the machine, date, versions and the command that made it."""
     RESULTS.mkdir(parents=True, exist_ok=True)

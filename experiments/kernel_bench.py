@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import pallas_kernels as pk
-from experiments.common import device_slug, markdown_table, time_call, write_result
+from experiments.common import device_slug, markdown_table, report, time_call
 
 # Llama-3-8B attention: 32 query heads over 8 KV heads of 128, bfloat16.
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> str:
             "\n\nOn a CPU the kernel runs in the Pallas interpreter: these times check that the "
             "benchmark runs end to end and say nothing about GPU performance."
         )
-    print(body)
-    path = write_result(f"kernel_bench_{device_slug()}", "Paged-attention kernel benchmark", body)
-    print(f"\nwrote {path}")
+    report(f"kernel_bench_{device_slug()}", "Paged-attention kernel benchmark", body)
     return body
 
 

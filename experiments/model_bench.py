@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments.common import device_slug, markdown_table, time_call, write_result
+from experiments.common import device_slug, markdown_table, report, time_call
 from paged_jax.cache import SequenceChunk, build_metadata, init_kv_cache
 from paged_jax.config import ModelConfig
 from paged_jax.models import random_model
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> str:
         "`batch` sequences with `tokens` of context. Tokens/s = tokens processed per second.\n\n"
         + markdown_table(["backend", "phase", "batch", "tokens", "step (ms)", "tokens/s"], rows)
     )
-    print(body)
-    path = write_result(f"model_bench_{device_slug()}", "Model benchmark", body)
-    print(f"\nwrote {path}")
+    report(f"model_bench_{device_slug()}", "Model benchmark", body)
     return body
 
 
