@@ -1,8 +1,9 @@
 """The attention backend a model runs on: one set of four functions, chosen by name.
 
 `pallas` compiles the Pallas kernels (GPU), `pallas_interpret` runs the same kernels in the
-Pallas interpreter (any machine; slow, for testing), `xla` runs the jax.numpy references
-(fast on a CPU). `auto` is `pallas` on a GPU and `xla` elsewhere. All four functions have the
+Pallas interpreter (any machine; slow, for testing), `xla` runs the same tiled attention
+written in jax.numpy (fast on a CPU) and the jax.numpy cache updates. `auto` is `pallas` on
+a GPU and `xla` elsewhere. All four functions have the
 same signatures and results whichever backend provides them.
 """
 
@@ -14,7 +15,7 @@ from typing import Callable
 
 import jax
 
-from pallas_kernels import cache_ops, paged_attention, reference
+from pallas_kernels import cache_ops, paged_attention, reference, xla_attention
 
 BACKENDS = ("auto", "pallas", "pallas_interpret", "xla")
 
@@ -50,8 +51,8 @@ def get_backend(name: str = "auto") -> AttentionBackend:
     if name == "xla":
         return AttentionBackend(
             name=name,
-            paged_attention=reference.paged_attention_reference,
-            ragged_paged_attention=reference.ragged_paged_attention_reference,
+            paged_attention=xla_attention.paged_attention_xla,
+            ragged_paged_attention=xla_attention.ragged_paged_attention_xla,
             write_kv=reference.write_kv_reference,
             copy_blocks=reference.copy_blocks_reference,
         )

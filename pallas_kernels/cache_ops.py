@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import shapes
-from pallas_kernels.paged_attention import head_dim_pieces
+from pallas_kernels.tiling import head_dim_pieces
 from pallas_kernels.platform import resolve_interpret, triton_params
 
 TOKENS_PER_PROGRAM = 16

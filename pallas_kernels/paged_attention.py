@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,93 +34,15 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import shapes
 from pallas_kernels.platform import resolve_interpret, triton_params
-
-# Masked scores and empty rows use a large finite value: -inf - -inf would be NaN.
-MASK_VALUE = -1e30
-# Programs wanted in flight before split-K stops paying off (about 2 per SM on an H100).
-TARGET_PROGRAMS = 264
-MIN_PARTITION_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Static tiling of one call, chosen from the shapes alone (no device values)."""
-
-    group: int  # query heads per KV head
-    block_rows: int  # query rows per tile: tokens_per_tile * group, padded to a power of two
-    tokens_per_tile: int
-    num_tiles: int
-    chunk: int  # context tokens per inner step
-    page_rows: int  # tokens read from each page per step: min(block_size, chunk)
-    pages_per_chunk: int
-    partition: int  # context tokens per split-K partition, a multiple of chunk
-    num_splits: int
-    pieces: tuple[tuple[int, int], ...]  # (start, size) column pieces of head_dim
-
-
-def head_dim_pieces(head_dim: int) -> tuple[tuple[int, int], ...]:
-    """Power-of-two column pieces covering head_dim, largest first: 80 -> (0,64), (64,16)."""
-    pieces, start = [], 0
-    for bit in reversed(range(head_dim.bit_length())):
-        size = 1 << bit
-        if head_dim - start >= size:
-            pieces.append((start, size))
-            start += size
-    return tuple(pieces)
-
-
-def plan_tiles(
-    *,
-    num_tokens: int,
-    num_seqs: int,
-    max_q_len: int,
-    group: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    max_context: int,
-    block_kv: int | None = None,
-    num_splits: int | None = None,
-) -> TilePlan:
-    """Choose tile sizes and split-K partitions from static shapes."""
-    max_q_len = max(1, min(max_q_len, num_tokens))
-    row_cap = max(64, pl.next_power_of_2(group))
-    block_rows = min(max(16, pl.next_power_of_2(group * max_q_len)), row_cap)
-    tokens_per_tile = block_rows // group
-    # Each sequence adds at most one partly filled tile to the ceil(T / tpt) full ones.
-    num_tiles = min(
-        pl.cdiv(num_tokens, tokens_per_tile) + num_seqs,
-        num_seqs * pl.cdiv(max_q_len, tokens_per_tile),
-    )
-    # Keep a [chunk, head_dim] tile of K within 16K elements (register / shared memory budget).
-    chunk = block_kv or max(16, min(128, 16384 // pl.next_power_of_2(head_dim)))
-    chunk = max(chunk, 16)
-    page_rows = min(block_size, chunk)
-    pages_per_chunk = chunk // page_rows
-    if num_splits is None:
-        programs = num_tiles * num_kv_heads
-        num_splits = 1
-        if programs < TARGET_PROGRAMS:
-            num_splits = min(
-                pl.cdiv(TARGET_PROGRAMS, programs),
-                max(1, max_context // MIN_PARTITION_TOKENS),
-            )
-    num_splits = max(1, min(num_splits, pl.cdiv(max_context, chunk)))
-    partition = pl.cdiv(pl.cdiv(max_context, num_splits), chunk) * chunk
-    num_splits = pl.cdiv(max_context, partition)
-    return TilePlan(
-        group=group,
-        block_rows=block_rows,
-        tokens_per_tile=tokens_per_tile,
-        num_tiles=num_tiles,
-        chunk=chunk,
-        page_rows=page_rows,
-        pages_per_chunk=pages_per_chunk,
-        partition=partition,
-        num_splits=num_splits,
-        pieces=head_dim_pieces(head_dim),
-    )
-
+from pallas_kernels.tiling import (
+    MASK_VALUE,
+    TilePlan,
+    merge_partitions,
+    padded_block_tables,
+    plan_tiles,
+    tile_metadata,
+    token_tiles,
+)
 
 
 def attention_plan(
@@ -147,12 +67,13 @@ def attention_plan(
         head_dim=head_dim,
         block_size=block_size,
         max_context=table_width * block_size,
-        block_kv=block_kv,
+        chunk=block_kv,
         num_splits=num_splits,
     )
 
+
 def _attention_kernel(
-    tiles_ref,  # int32[num_tiles, 4]: (seq, first q row, tokens in tile, position of first token)
+    tiles_ref,  # int32[num_tiles, 4]: (seq, first token, tokens in tile, position of first token)
     block_tables_ref,  # int32[num_seqs, table_width]
     q_ref,  # [q_rows_padded, head_dim]  this KV head's query rows, (token, group head) flattened
     k_pages_ref,  # [num_blocks, block_size, head_dim]  this KV head's pages
@@ -168,7 +89,7 @@ def _attention_kernel(
 ):
     tile, split = pl.program_id(0), pl.program_id(2)
     seq = tiles_ref[tile, 0]
-    row0 = tiles_ref[tile, 1]
+    row0 = tiles_ref[tile, 1] * plan.group
     num_q = tiles_ref[tile, 2]
     first_pos = tiles_ref[tile, 3]
     rows = plan.block_rows
@@ -236,40 +157,6 @@ def _attention_kernel(
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), MASK_VALUE)
 
 
-def _owner(ends: jax.Array, index: jax.Array) -> jax.Array:
-    """The sequence owning each index, given the sequences' cumulative end offsets [S].
-    `compare_all` because a binary search lowers to a while loop: one device round trip per
-    step on a GPU."""
-    owner = jnp.searchsorted(ends, index, side="right", method="compare_all")
-    return jnp.minimum(owner, ends.shape[0] - 1)
-
-
-def _tile_metadata(cu_q_lens, context_lens, plan: TilePlan):
-    """Per tile: (seq, first q row, tokens in tile, position of first token); and per sequence
-    the index of its first tile. Tiles past the last real one have no tokens."""
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
-    tiles_per_seq = pl.cdiv(q_lens, plan.tokens_per_tile)
-    tile_end = jnp.cumsum(tiles_per_seq)  # [S]
-    tile_start = tile_end - tiles_per_seq
-    tile = jnp.arange(plan.num_tiles, dtype=jnp.int32)
-    seq = _owner(tile_end, tile)
-    first_token = (tile - tile_start[seq]) * plan.tokens_per_tile  # within the sequence
-    num_q = jnp.clip(q_lens[seq] - first_token, 0, plan.tokens_per_tile)
-    num_q = jnp.where(tile < tile_end[-1], num_q, 0)
-    row0 = (cu_q_lens[seq] + first_token) * plan.group
-    first_pos = context_lens[seq] - q_lens[seq] + first_token
-    tiles = jnp.stack([seq, row0, num_q, first_pos], axis=1).astype(jnp.int32)
-    return tiles, tile_start
-
-
-def _merge_partitions(o, lse):
-    """Combine split-K partials: o [splits, ...rows, D] float32, lse [splits, ...rows]."""
-    lse_max = lse.max(axis=0)
-    weight = jnp.exp(lse - lse_max[None])  # [splits, ...rows]
-    total = weight.sum(axis=0)
-    return (o * weight[..., None]).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "max_q_len", "block_kv", "num_splits", "interpret",
@@ -302,18 +189,14 @@ def ragged_paged_attention(
     shapes.check_pallas_shapes(q.shape[-1], k_pages.shape[2])
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_blocks, block_size, _ = k_pages.shape
-    table_width = block_tables.shape[1]
     group = num_q_heads // num_kv_heads
     plan = attention_plan(q, k_pages, block_tables, max_q_len=max_q_len, block_kv=block_kv,
                           num_splits=num_splits)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
 
-    tiles, tile_start = _tile_metadata(cu_q_lens, context_lens, plan)
-    # Pad the table so every chunk, including the last partition's, reads inside it.
-    padded_width = pl.cdiv(plan.num_splits * plan.partition, block_size)
-    padded_width = pl.cdiv(padded_width, plan.pages_per_chunk) * plan.pages_per_chunk
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, max(0, padded_width - table_width))))
+    tiles, tile_start = tile_metadata(cu_q_lens, context_lens, plan)
+    block_tables = padded_block_tables(block_tables, plan, block_size)
     # [T, Hq, D] -> [Hkv, T * group (+ one tile of padding), D]: a tile is a contiguous row range.
     q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     q_rows = q_rows.reshape(num_kv_heads, num_tokens * group, head_dim)
@@ -354,20 +237,15 @@ def ragged_paged_attention(
         compiler_params=triton_params(num_warps, num_stages),
         name=f"ragged_paged_attention_rows{plan.block_rows}_chunk{plan.chunk}",
     )(tiles, block_tables, q_rows, k_pages, v_pages)
-    o = _merge_partitions(o, lse).astype(q.dtype) if split else o[0]  # [Hkv, tiles, rows, D]
+    o = merge_partitions(o, lse).astype(q.dtype) if split else o[0]  # [Hkv, tiles, rows, D]
 
     # Gather each token's group rows back out of its tile.
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = _owner(cu_q_lens[1:], token)
-    in_seq = token - cu_q_lens[seq]
-    tile = tile_start[seq] + in_seq // plan.tokens_per_tile
-    row = (in_seq % plan.tokens_per_tile) * group
-    flat = (tile * plan.block_rows + row)[:, None] + jnp.arange(group)  # [T, group]
+    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
+    flat = (tile * plan.block_rows + index * group)[:, None] + jnp.arange(group)  # [T, group]
     flat = jnp.clip(flat, 0, plan.num_tiles * plan.block_rows - 1)
     o = o.reshape(num_kv_heads, plan.num_tiles * plan.block_rows, head_dim)[:, flat]
     o = o.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
-    is_query = (token < cu_q_lens[-1])[:, None, None]
-    return jnp.where(is_query, o, jnp.zeros((), q.dtype))
+    return jnp.where(is_query[:, None, None], o, jnp.zeros((), q.dtype))
 
 
 def paged_attention(

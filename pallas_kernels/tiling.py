@@ -1,0 +1,153 @@
+"""How a ragged attention call is cut into work: query tiles, context chunks, partitions.
+
+Shared by the Pallas kernel and the jax.numpy (`xla`) implementation so the two walk the
+same tiles. A *query tile* holds up to `tokens_per_tile` consecutive query tokens of one
+sequence, with all the query heads that share one KV head; the tile's rows are its
+(token, head) pairs. Every choice here is made from static shapes, never device values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+# Masked scores and empty rows use a large finite value: -inf - -inf would be NaN.
+MASK_VALUE = -1e30
+# Programs wanted in flight before split-K stops paying off (about 2 per SM on an H100).
+TARGET_PROGRAMS = 264
+MIN_PARTITION_TOKENS = 512
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    group: int  # query heads per KV head
+    block_rows: int  # rows per tile: tokens_per_tile * group, padded to a power of two
+    tokens_per_tile: int
+    num_tiles: int
+    chunk: int  # context tokens per inner step
+    page_rows: int  # tokens read from each page per step: min(block_size, chunk)
+    pages_per_chunk: int
+    partition: int  # context tokens per split-K partition, a multiple of chunk
+    num_splits: int
+    pieces: tuple[tuple[int, int], ...]  # (start, size) power-of-two column pieces of head_dim
+
+
+def head_dim_pieces(head_dim: int) -> tuple[tuple[int, int], ...]:
+    """Power-of-two column pieces covering head_dim, largest first: 80 -> (0,64), (64,16)."""
+    pieces, start = [], 0
+    for bit in reversed(range(head_dim.bit_length())):
+        size = 1 << bit
+        if head_dim - start >= size:
+            pieces.append((start, size))
+            start += size
+    return tuple(pieces)
+
+
+def plan_tiles(
+    *,
+    num_tokens: int,
+    num_seqs: int,
+    max_q_len: int,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_context: int,
+    min_rows: int = 16,
+    chunk: int | None = None,
+    num_splits: int | None = None,
+) -> TilePlan:
+    """Tile sizes and split-K partitions for one call.
+
+    `min_rows` is the fewest rows a tile may have (16 for the matrix unit of a GPU; 1 where
+    padding rows only costs). `chunk` defaults to a [chunk, head_dim] K tile of at most 16K
+    elements (a register / shared-memory budget); split-K defaults to enough partitions to
+    keep TARGET_PROGRAMS programs busy without making partitions shorter than 512 tokens."""
+    max_q_len = max(1, min(max_q_len, num_tokens))
+    row_cap = max(64, next_power_of_2(group))
+    block_rows = min(max(min_rows, next_power_of_2(group * max_q_len)), row_cap)
+    tokens_per_tile = block_rows // group
+    # Each sequence adds at most one partly filled tile to the ceil(T / tpt) full ones.
+    num_tiles = min(
+        cdiv(num_tokens, tokens_per_tile) + num_seqs,
+        num_seqs * cdiv(max_q_len, tokens_per_tile),
+    )
+    chunk = max(16, chunk or min(128, 16384 // next_power_of_2(head_dim)))
+    page_rows = min(block_size, chunk)
+    if num_splits is None:
+        programs = num_tiles * num_kv_heads
+        num_splits = 1
+        if programs < TARGET_PROGRAMS:
+            num_splits = min(cdiv(TARGET_PROGRAMS, programs), max(1, max_context // MIN_PARTITION_TOKENS))
+    num_splits = max(1, min(num_splits, cdiv(max_context, chunk)))
+    partition = cdiv(cdiv(max_context, num_splits), chunk) * chunk
+    return TilePlan(
+        group=group,
+        block_rows=block_rows,
+        tokens_per_tile=tokens_per_tile,
+        num_tiles=num_tiles,
+        chunk=chunk,
+        page_rows=page_rows,
+        pages_per_chunk=chunk // page_rows,
+        partition=partition,
+        num_splits=cdiv(max_context, partition),
+        pieces=head_dim_pieces(head_dim),
+    )
+
+
+def padded_block_tables(block_tables: jax.Array, plan: TilePlan, block_size: int) -> jax.Array:
+    """Pad the table so every chunk, including the last partition's, reads inside it."""
+    width = cdiv(plan.num_splits * plan.partition, block_size)
+    width = cdiv(width, plan.pages_per_chunk) * plan.pages_per_chunk
+    return jnp.pad(block_tables, ((0, 0), (0, max(0, width - block_tables.shape[1]))))
+
+
+def owner(ends: jax.Array, index: jax.Array) -> jax.Array:
+    """The sequence owning each index, given the sequences' cumulative end offsets [S].
+    `compare_all` because a binary search lowers to a while loop: one device round trip per
+    step on a GPU."""
+    found = jnp.searchsorted(ends, index, side="right", method="compare_all")
+    return jnp.minimum(found, ends.shape[0] - 1)
+
+
+def tile_metadata(cu_q_lens: jax.Array, context_lens: jax.Array, plan: TilePlan):
+    """int32[num_tiles, 4]: (seq, first query token, tokens in tile, position of the first
+    token), and int32[num_seqs]: each sequence's first tile. Unused tiles have no tokens."""
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    tiles_per_seq = cdiv(q_lens, plan.tokens_per_tile)
+    tile_end = jnp.cumsum(tiles_per_seq)
+    tile_start = tile_end - tiles_per_seq
+    tile = jnp.arange(plan.num_tiles, dtype=jnp.int32)
+    seq = owner(tile_end, tile)
+    in_seq = (tile - tile_start[seq]) * plan.tokens_per_tile
+    num_q = jnp.clip(q_lens[seq] - in_seq, 0, plan.tokens_per_tile)
+    num_q = jnp.where(tile < tile_end[-1], num_q, 0)
+    first_pos = context_lens[seq] - q_lens[seq] + in_seq
+    tiles = jnp.stack([seq, cu_q_lens[seq] + in_seq, num_q, first_pos], axis=1).astype(jnp.int32)
+    return tiles, tile_start
+
+
+def token_tiles(cu_q_lens: jax.Array, tile_start: jax.Array, plan: TilePlan, num_tokens: int):
+    """For each query token: its tile, its index within the tile, and whether it is a real
+    token (tokens past cu_q_lens[-1] are padding)."""
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = owner(cu_q_lens[1:], token)
+    in_seq = token - cu_q_lens[seq]
+    return tile_start[seq] + in_seq // plan.tokens_per_tile, in_seq % plan.tokens_per_tile, token < cu_q_lens[-1]
+
+
+def merge_partitions(o: jax.Array, lse: jax.Array) -> jax.Array:
+    """Combine split-K partials: o [splits, ...rows, D] float32, lse [splits, ...rows]."""
+    weight = jnp.exp(lse - lse.max(axis=0)[None])
+    total = weight.sum(axis=0)
+    return (o * weight[..., None]).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]

@@ -1,0 +1,110 @@
+"""The `xla` backend's ragged paged attention: the kernel's tiled algorithm in jax.numpy.
+
+The dense reference (reference.py) gathers every sequence's whole block table and lays
+queries out as [num_seqs, max_q_len]: obviously right, and the oracle, but it reads the full
+table width for every sequence and grows with num_seqs x max_q_len. Here all query tiles (the
+same tiles as the Pallas kernel, see tiling.py) advance together through their contexts one
+chunk of pages at a time with an online softmax, so a step reads about as much K/V as its
+sequences actually hold, whatever max_q_len is. XLA compiles it for any device; on a CPU it is
+the fast backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import shapes
+from pallas_kernels.tiling import (
+    MASK_VALUE,
+    cdiv,
+    padded_block_tables,
+    plan_tiles,
+    tile_metadata,
+    token_tiles,
+)
+
+CHUNK_TOKENS = 128
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "max_q_len"))
+def ragged_paged_attention_xla(
+    q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    block_tables: jax.Array,  # int32[num_seqs, max_blocks_per_seq]
+    context_lens: jax.Array,  # int32[num_seqs]
+    cu_q_lens: jax.Array,  # int32[num_seqs + 1]
+    *,
+    sm_scale: float | None = None,
+    max_q_len: int | None = None,
+) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
+    shapes.check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_blocks, block_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    plan = plan_tiles(
+        num_tokens=num_tokens, num_seqs=block_tables.shape[0], max_q_len=max_q_len or num_tokens,
+        group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+        max_context=block_tables.shape[1] * block_size, min_rows=1,
+        chunk=max(block_size, CHUNK_TOKENS), num_splits=1,
+    )
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    tiles, tile_start = tile_metadata(cu_q_lens, context_lens, plan)
+    seq, first_token, num_q, first_pos = tiles.T
+    tpt, pages, chunk = plan.tokens_per_tile, plan.pages_per_chunk, plan.chunk
+    num_tiles = plan.num_tiles
+
+    offset = jnp.arange(tpt)
+    token = jnp.clip(first_token[:, None] + offset, 0, num_tokens - 1)  # [tiles, tpt]
+    # Rows (token, head-in-group) of each tile, KV heads leading: [Hkv, tiles, tpt * G, D].
+    q_tiles = q[token].reshape(num_tiles, tpt, num_kv_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
+    q_tiles = q_tiles.reshape(num_kv_heads, num_tiles, tpt * group, head_dim)
+    row_pos = jnp.where(offset < num_q[:, None], first_pos[:, None] + offset, -1)  # [tiles, tpt]
+    row_pos = jnp.repeat(row_pos, group, axis=1)  # [tiles, rows]
+    kv_end = jnp.where(num_q > 0, first_pos + num_q, 0)
+    tables = padded_block_tables(block_tables, plan, block_size)[seq]  # [tiles, width]
+
+    def load(pages_array, i):  # -> [Hkv, tiles, chunk, D]
+        ids = lax.dynamic_slice_in_dim(tables, i * pages, pages, axis=1)
+        ids = jnp.clip(ids, 0, num_blocks - 1)  # table padding may hold any sentinel
+        return pages_array[:, ids].reshape(num_kv_heads, num_tiles, chunk, head_dim)
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry  # acc [Hkv, tiles, rows, D]; m, l [Hkv, tiles, rows]
+        scores = jnp.einsum("htrd,htcd->htrc", q_tiles, load(k_pages, i), precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32) * scale
+        kv_pos = i * chunk + jnp.arange(chunk)
+        visible = kv_pos <= row_pos[:, :, None]  # [tiles, rows, chunk]
+        scores = jnp.where(visible, scores, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, scores.max(axis=-1))
+        correction = jnp.exp(m_prev - m_next)
+        p = jnp.where(visible, jnp.exp(scores - m_next[..., None]), 0.0)
+        v = load(v_pages, i)
+        update = jnp.einsum("htrc,htcd->htrd", p.astype(v.dtype), v, precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
+        return acc * correction[..., None] + update, m_next, l_prev * correction + p.sum(axis=-1)
+
+    stats_shape = (num_kv_heads, num_tiles, tpt * group)
+    init = (jnp.zeros(stats_shape + (head_dim,), jnp.float32), jnp.full(stats_shape, MASK_VALUE, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32))
+    acc, _, l = lax.fori_loop(0, jnp.max(cdiv(kv_end, chunk)), body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    out = out.reshape(num_kv_heads, num_tiles, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
+    out = out.reshape(num_tiles, tpt, num_q_heads, head_dim)
+
+    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
+    out = out[jnp.clip(tile, 0, num_tiles - 1), index]
+    return jnp.where(is_query[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None):
+    """Decode: the ragged case with one query per sequence."""
+    shapes.check_decode(q, block_tables, lengths)
+    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    return ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, cu_q_lens,
+                                      sm_scale=sm_scale, max_q_len=1)
