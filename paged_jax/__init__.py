@@ -1,7 +1,25 @@
 """paged-jax: vLLM's PagedAttention serving system in JAX."""
 
 from paged_jax.config import ModelConfig
+from paged_jax.engine import EngineArgs, LLMEngine
+from paged_jax.llm import LLM
 from paged_jax.models import Model, load_model
+from paged_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from paged_jax.sampling import SamplingParams
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
-__all__ = ["ModelConfig", "Model", "load_model", "Tokenizer", "IncrementalDetokenizer"]
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "EngineArgs",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "RequestMetrics",
+    "ModelConfig",
+    "Model",
+    "load_model",
+    "Tokenizer",
+    "IncrementalDetokenizer",
+]

@@ -61,8 +61,8 @@ def build_metadata(
     num_tokens: int | None = None,
     num_seqs: int | None = None,
     max_q_len: int | None = None,
-) -> tuple[jax.Array, AttentionMetadata]:
-    """Host-side positions (int32[num_tokens]) and metadata for one step, padded to
+) -> tuple[np.ndarray, AttentionMetadata]:
+    """Host-side (numpy) positions (int32[num_tokens]) and metadata for one step, padded to
     (num_tokens, num_seqs) so that a few shapes cover every batch. Padding sequences have no
     tokens; padding tokens sit at position 0 and write nowhere."""
     total = sum(c.num_new for c in chunks)
@@ -79,11 +79,11 @@ def build_metadata(
     for i, chunk in enumerate(chunks):
         end = chunk.num_cached + chunk.num_new
         needed = -(-end // block_size)
-        if needed > max_blocks_per_seq or needed > len(chunk.block_table):
+        if needed > len(chunk.block_table) or len(chunk.block_table) > max_blocks_per_seq:
             raise ValueError(f"sequence {i} needs {needed} blocks for {end} tokens; its table "
                              f"has {len(chunk.block_table)}, the limit is {max_blocks_per_seq}")
-        table = np.asarray(chunk.block_table[:needed], np.int32)
-        tables[i, :needed] = table
+        table = np.asarray(chunk.block_table, np.int32)  # all of it: a decode loop writes ahead
+        tables[i, : len(table)] = table
         context_lens[i] = end
         cu_q_lens[i + 1] = cu_q_lens[i] + chunk.num_new
         pos = np.arange(chunk.num_cached, end)
@@ -92,10 +92,10 @@ def build_metadata(
         slots[batch] = table[pos // block_size] * block_size + pos % block_size
     cu_q_lens[len(chunks) + 1 :] = cu_q_lens[len(chunks)]
     longest = max((c.num_new for c in chunks), default=1)
-    return jnp.asarray(positions), AttentionMetadata(
-        block_tables=jnp.asarray(tables),
-        context_lens=jnp.asarray(context_lens),
-        cu_q_lens=jnp.asarray(cu_q_lens),
-        slot_mapping=jnp.asarray(slots),
+    return positions, AttentionMetadata(
+        block_tables=tables,
+        context_lens=context_lens,
+        cu_q_lens=cu_q_lens,
+        slot_mapping=slots,
         max_q_len=max_q_len or max(1, longest),
     )

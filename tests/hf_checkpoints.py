@@ -37,5 +37,22 @@ def save_checkpoint(variant: str, directory: Path, dtype=torch.float32, **save_k
     return directory
 
 
+def save_tokenizer(directory: Path) -> Path:
+    """A small SentencePiece-style BPE (vocab < 128, so it fits every tiny model) with
+    <unk>, <s>, </s> as ids 0, 1, 2 (Llama's convention)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "a paged cache of keys and values",
+              "serving large language models with paged attention"] * 10
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    return directory
+
+
 def load_reference(directory: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()

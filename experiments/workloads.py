@@ -1,0 +1,101 @@
+"""Synthetic request traces shaped like the paper's workloads (§6.1, Fig. 11).
+
+ShareGPT and Alpaca are described by their mean prompt / output lengths (161 / 338 and
+19 / 58 tokens, ShareGPT with much the higher variance). We draw lengths from log-normal
+distributions whose location is calibrated so that, after vLLM's benchmark filters (prompt and
+output >= 4 tokens, prompt <= 1024, prompt + output <= 2048), the realised means hit those
+targets. Traces scale to a smaller model's context by shrinking every length by
+max_model_len / 2048. Arrivals are Poisson at a given rate, or gamma for burstiness.
+Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAREGPT_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    prompt_mean: float
+    output_mean: float
+    sigma: float  # log-normal shape: ShareGPT's lengths vary far more than Alpaca's
+
+
+SHAREGPT = Dataset("sharegpt", 161.31, 337.99, sigma=1.0)
+ALPACA = Dataset("alpaca", 19.31, 58.45, sigma=0.6)
+DATASETS = {d.name: d for d in (SHAREGPT, ALPACA)}
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_len: int
+    output_len: int
+    arrival_time: float = 0.0
+
+
+def _draw(rng, mu_prompt, mu_output, sigma, n):
+    prompt = np.maximum(1, np.rint(rng.lognormal(mu_prompt, sigma, n))).astype(int)
+    output = np.maximum(1, np.rint(rng.lognormal(mu_output, sigma, n))).astype(int)
+    keep = (prompt >= 4) & (output >= 4) & (prompt <= 1024) & (prompt + output <= SHAREGPT_CONTEXT)
+    return prompt[keep], output[keep]
+
+
+@functools.lru_cache(maxsize=None)
+def calibrate(dataset: Dataset) -> tuple[float, float]:
+    """Log-normal locations whose filtered means equal the dataset's targets."""
+    mu = np.log([dataset.prompt_mean, dataset.output_mean]) - dataset.sigma**2 / 2
+    for _ in range(30):
+        prompt, output = _draw(np.random.default_rng(0), mu[0], mu[1], dataset.sigma, 200_000)
+        mu += np.log([dataset.prompt_mean / prompt.mean(), dataset.output_mean / output.mean()])
+    return float(mu[0]), float(mu[1])
+
+
+def sample_requests(dataset: Dataset, n: int, *, max_model_len: int = SHAREGPT_CONTEXT, seed: int = 0,
+                    rate: float = float("inf"), burstiness: float = 1.0) -> list[Request]:
+    """n requests; lengths scaled to max_model_len; arrivals at `rate` req/s (inf: all at 0)."""
+    rng = np.random.default_rng(seed)
+    mu_prompt, mu_output = calibrate(dataset)
+    prompt, output = np.empty(0, int), np.empty(0, int)
+    while len(prompt) < n:
+        p, o = _draw(rng, mu_prompt, mu_output, dataset.sigma, 2 * n)
+        prompt, output = np.concatenate([prompt, p]), np.concatenate([output, o])
+    scale = min(1.0, max_model_len / SHAREGPT_CONTEXT)
+    prompt = np.maximum(1, np.floor(prompt[:n] * scale)).astype(int)
+    output = np.maximum(1, np.floor(output[:n] * scale)).astype(int)
+    arrivals = arrival_times(n, rate, burstiness, rng)
+    return [Request(int(p), int(o), float(t)) for p, o, t in zip(prompt, output, arrivals)]
+
+
+def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
+    """Cumulative gamma inter-arrival times with mean 1/rate; burstiness 1 is Poisson, lower
+    is burstier."""
+    if not np.isfinite(rate):
+        return np.zeros(n)
+    return np.cumsum(rng.gamma(burstiness, 1.0 / (rate * burstiness), n))
+
+
+def fixed_requests(n: int, prompt_len: int, output_len: int) -> list[Request]:
+    """vLLM's fixed-length trace."""
+    return [Request(prompt_len, output_len) for _ in range(n)]
+
+
+def prompt_token_ids(requests: list[Request], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random prompt tokens (ids from 3 up, past the usual special tokens)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, r.prompt_len).tolist() for r in requests]
+
+
+def describe(dataset: Dataset, requests: list[Request], max_model_len: int = SHAREGPT_CONTEXT) -> str:
+    """Realised statistics next to the (scaled) targets."""
+    scale = min(1.0, max_model_len / SHAREGPT_CONTEXT)
+    prompt = np.array([r.prompt_len for r in requests])
+    output = np.array([r.output_len for r in requests])
+    return (f"{dataset.name}: {len(requests)} requests; prompt mean {prompt.mean():.1f} (target "
+            f"{dataset.prompt_mean * scale:.1f}), std {prompt.std():.1f}; output mean {output.mean():.1f} "
+            f"(target {dataset.output_mean * scale:.1f}), std {output.std():.1f}")

@@ -1,0 +1,76 @@
+"""LLM: vLLM's offline API over the engine."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence as Seq
+
+from tqdm import tqdm
+
+from paged_jax.engine import EngineArgs, LLMEngine
+from paged_jax.outputs import RequestMetrics, RequestOutput
+from paged_jax.sampling import SamplingParams
+
+PromptType = str | dict
+
+
+class LLM:
+    """`LLM("path/to/hf-checkpoint").generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", block_size: int = 16,
+                 num_gpu_blocks_override: int | None = None, gpu_memory_utilization: float = 0.9,
+                 swap_space: float = 4, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = False,
+                 preemption_mode: str = "recompute", seed: int = 0, attention_backend: str = "auto",
+                 num_scheduler_steps: int = 8, warm_up: bool = True):
+        self.engine = LLMEngine(EngineArgs(
+            model=str(model), tokenizer=tokenizer, dtype=dtype, block_size=block_size,
+            num_gpu_blocks_override=num_gpu_blocks_override, gpu_memory_utilization=gpu_memory_utilization,
+            swap_space=swap_space, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+            preemption_mode=preemption_mode, seed=seed, attention_backend=attention_backend,
+            num_scheduler_steps=num_scheduler_steps, warm_up=warm_up,
+        ))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs in input order. A request that cannot run comes back at once with `error`
+        set and no completions; the others are served."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, params in zip(prompts, sampling_params):
+            request_id = str(next(self._ids))
+            order.append(request_id)
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as error:
+                results[request_id] = _failed(request_id, prompt, str(error))
+        with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
+            bar.update(len(results))
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[request_id] for request_id in order]
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+def _failed(request_id: str, prompt, error: str) -> RequestOutput:
+    text = prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+    ids = list(prompt.get("prompt_token_ids", [])) if isinstance(prompt, dict) else []
+    return RequestOutput(request_id=request_id, prompt=text, prompt_token_ids=ids, outputs=[], finished=True,
+                         metrics=RequestMetrics(arrival_time=0.0), error=error)

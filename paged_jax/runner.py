@@ -1,0 +1,293 @@
+"""The model runner: turns a scheduled step into one jitted model call and one sampler call.
+
+Every step is padded to a bucket so that a small, fixed set of shapes is compiled ahead of
+time at warm-up: decode-only steps to a number of sequences from 1, 2, 3, 4, 6, 8, 12, ...
+(one token each), other steps to a power-of-two number of tokens (sequences up to
+min(tokens, max_num_seqs)).
+A shape outside the warm-up set is a bug: it is compiled, counted and logged as an error.
+
+The KV cache lives here, on the device, donated into every step and returned. Swapped-out
+blocks live in host memory (numpy), one array per layer and K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_jax.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.models import Model
+from paged_jax.sampling import MAX_LOGPROBS, SamplerFlags, SamplingBatch, request_key, sample
+from paged_jax.scheduler import ScheduledChunk, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+MIN_TOKEN_BUCKET = 16
+
+
+def _buckets(low: int, high: int, *, halves: bool = False) -> list[int]:
+    """Powers of two from low up to high (high included); with halves also 1.5x each
+    (3, 6, 12, 24, 48, ...), which halves the padding of decode batches."""
+    sizes, size = set(), low
+    while size < high:
+        sizes.add(size)
+        if halves and size >= 2:
+            sizes.add(size * 3 // 2)
+        size *= 2
+    return sorted(s for s in sizes if s < high) + [high]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    num_tokens: int
+    num_seqs: int
+    decode: bool  # one token per sequence: tiles of one query token
+
+    @property
+    def max_q_len(self) -> int:
+        return 1 if self.decode else self.num_tokens
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless asked
+
+
+class ModelRunner:
+    def __init__(self, model: Model, *, num_blocks: int, block_size: int, num_swap_blocks: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.eos_token_ids = eos_token_ids
+        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype)
+        shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
+        self.swap_space = [(np.zeros(shape, model.dtype), np.zeros(shape, model.dtype)) for _ in self.kv_cache]
+        self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
+        self.mixed_buckets = [Bucket(t, min(t, max_num_seqs), False)
+                              for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)]
+        self.executables: dict = {}  # Bucket (one step) or (Bucket, steps, flags) (decode loop)
+        self._decode_loop = jax.jit(functools.partial(_decode_loop, model.module, block_size),
+                                    static_argnames=("num_steps", "flags"), donate_argnums=(3,))
+        self.warmed_up = False
+        self.compiles_after_warmup = 0
+        self.num_steps = 0  # model steps (each step of a decode loop counts)
+        self.num_calls = 0  # host round trips
+        self.num_swapped_out = 0  # blocks copied device -> host
+        self.num_swapped_in = 0
+        self.device_wait = 0.0  # seconds the host spent waiting for step results
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    def bucket_for(self, num_tokens: int, num_seqs: int, decode: bool) -> Bucket:
+        if decode:
+            return next(b for b in self.decode_buckets if b.num_seqs >= num_seqs)
+        return next(b for b in self.mixed_buckets if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs)
+
+    def _executable(self, bucket: Bucket, args):
+        if bucket not in self.executables:
+            if self.warmed_up:
+                self.compiles_after_warmup += 1
+                logger.error("compiling step shape %s after warm-up; the bucket set is incomplete", bucket)
+            self.executables[bucket] = self.model.forward.lower(*args).compile()
+        return self.executables[bucket]
+
+    def _inputs(self, chunks: list[SequenceChunk], tokens: np.ndarray, bucket: Bucket):
+        positions, meta = build_metadata(
+            chunks, self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+            num_tokens=bucket.num_tokens, num_seqs=bucket.num_seqs, max_q_len=bucket.max_q_len,
+        )
+        padded = np.zeros(bucket.num_tokens, np.int32)
+        padded[: len(tokens)] = tokens
+        return padded, positions, meta
+
+    def warm_up(self, num_scheduler_steps: int = 1) -> None:
+        """Compile every step shape and the common sampler variants before serving (and the
+        multi-step decode loop for every decode shape when it will be used)."""
+        dummy = [SequenceChunk([0], 0, 1)]
+        common = (SamplerFlags(False, False, False, False), SamplerFlags(True, False, False, False))
+        for bucket in self.decode_buckets + self.mixed_buckets:
+            tokens, positions, meta = self._inputs(dummy, np.zeros(1, np.int32), bucket)
+            self._executable(bucket, (self.model.params, tokens, positions, self.kv_cache, meta))
+            batch = SamplingBatch(**_empty_batch(bucket.num_seqs))
+            for flags in common:
+                logits = jnp.zeros((bucket.num_seqs, self.model.config.vocab_size), jnp.float32)
+                sample(logits, batch, flags).tokens.block_until_ready()
+            if bucket.decode and num_scheduler_steps > 1:
+                self._loop_executable(bucket, num_scheduler_steps, common[1],
+                                      (self.model.params, tokens, positions, self.kv_cache, meta, batch))
+        self.warmed_up = True
+
+    def _loop_executable(self, bucket: Bucket, num_steps: int, flags: SamplerFlags, args):
+        key = (bucket, num_steps, flags)
+        if key not in self.executables:
+            self.executables[key] = self._decode_loop.lower(*args, num_steps=num_steps, flags=flags).compile()
+        return self.executables[key]
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def execute(self, out: SchedulerOutput, num_steps: int = 1) -> list[list[Sampled]]:
+        """Run the step; for each scheduled chunk the tokens it sampled (none when the chunk
+        does not reach its sequence's end). num_steps > 1 (decode-only steps, blocks for the
+        extra tokens already allocated) decodes that many tokens in one device loop."""
+        if out.swap_out:
+            self._swap_out(out.swap_out)
+            self.num_swapped_out += len(out.swap_out)
+        if out.swap_in:
+            self._swap_in(out.swap_in)
+            self.num_swapped_in += len(out.swap_in)
+        if not out.chunks:
+            return []
+        chunks = out.chunks
+        bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
+        tokens = np.fromiter((c.seq.token(p) for c in chunks for p in range(c.num_cached, c.num_cached + c.num_new)),
+                             np.int32, count=out.num_tokens)
+        tokens, positions, meta = self._inputs(
+            [SequenceChunk(c.seq.block_table, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
+        sampling = [c for c in chunks if c.samples]
+        batch, flags = self._sampling_batch(chunks, bucket.num_seqs) if sampling else (None, None)
+        if num_steps > 1:
+            assert bucket.decode and len(sampling) == len(chunks) and not flags.adjust
+            flags = flags._replace(sample=True)  # greedy rows are handled too: one loop variant fewer
+            args = (self.model.params, tokens, positions, self.kv_cache, meta, batch)
+            sampled, self.kv_cache = self._loop_executable(bucket, num_steps, flags, args)(*args)
+        else:
+            args = (self.model.params, tokens, positions, self.kv_cache, meta)
+            logits, self.kv_cache = self._executable(bucket, args)(*args)
+            if not sampling:
+                self.num_steps += 1
+                self.num_calls += 1
+                return [[] for _ in chunks]
+            sampled = jax.tree.map(lambda x: x[None], sample(logits, batch, flags))  # one step of k
+        self.num_steps += num_steps
+        self.num_calls += 1
+        start = time.perf_counter()
+        result = jax.device_get(sampled)  # [steps, rows, ...]
+        self.device_wait += time.perf_counter() - start
+        return [self._results(result, i, chunk) if chunk.samples else [] for i, chunk in enumerate(chunks)]
+
+    @staticmethod
+    def _results(result, row: int, chunk: ScheduledChunk) -> list[Sampled]:
+        k = chunk.group.params.logprobs or 0
+        return [
+            Sampled(int(result.tokens[step, row]), float(result.logprobs[step, row]),
+                    list(zip(result.top_ids[step, row, :k].tolist(), result.top_logprobs[step, row, :k].tolist())))
+            for step in range(result.tokens.shape[0])
+        ]
+
+    def _sampling_batch(self, chunks: list[ScheduledChunk], num_rows: int) -> tuple[SamplingBatch, SamplerFlags]:
+        b = _empty_batch(num_rows)
+        banned_rows, history_rows = {}, {}
+        for i, chunk in enumerate(chunks):
+            p, seq = chunk.group.params, chunk.seq
+            b["temperature"][i], b["top_k"][i], b["top_p"][i], b["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
+            b["presence"][i], b["frequency"][i], b["repetition"][i] = (
+                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+            b["keys"][i] = seq.key
+            b["counters"][i] = len(seq.output_token_ids)
+            if p.penalised:
+                history_rows[i] = seq
+            if len(seq.output_token_ids) < p.min_tokens:
+                banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
+        sampling = [c for c in chunks if c.samples]
+        flags = SamplerFlags(
+            sample=any(not c.group.params.greedy for c in sampling),
+            filter=any(not c.group.params.greedy and (c.group.params.top_k > 0 or c.group.params.top_p < 1)
+                       for c in sampling),
+            adjust=bool(history_rows or banned_rows),
+            logprobs=any(c.group.params.logprobs is not None for c in sampling),
+        )
+        if flags.adjust:
+            b["history"] = np.full((num_rows, self.max_model_len), -1, np.int32)
+            for i, seq in history_rows.items():
+                ids = seq.prompt_token_ids + seq.output_token_ids
+                b["history"][i, : len(ids)] = ids
+                b["output_start"][i] = len(seq.prompt_token_ids)
+            width = max(4, max((len(v) for v in banned_rows.values()), default=0))
+            width = 1 << (width - 1).bit_length()
+            b["banned"] = np.full((num_rows, width), -1, np.int32)
+            for i, ids in banned_rows.items():
+                b["banned"][i, : len(ids)] = ids
+        return SamplingBatch(**b), flags
+
+    # -- swapping ----------------------------------------------------------------------------
+
+    def _swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        device_blocks, host_blocks = (np.asarray(x) for x in zip(*pairs))
+        pages = jax.device_get(_gather_blocks(self.kv_cache, jnp.asarray(_pad_ids(device_blocks))))
+        for (k_host, v_host), (k, v) in zip(self.swap_space, pages):
+            k_host[:, host_blocks] = k[:, : len(host_blocks)]
+            v_host[:, host_blocks] = v[:, : len(host_blocks)]
+
+    def _swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        host_blocks, device_blocks = (np.asarray(x) for x in zip(*pairs))
+        padded = _pad_ids(device_blocks)
+        pages = tuple((_pad_rows(k[:, host_blocks], len(padded)), _pad_rows(v[:, host_blocks], len(padded)))
+                      for k, v in self.swap_space)
+        self.kv_cache = _scatter_blocks(self.kv_cache, jnp.asarray(padded), pages)
+
+
+def _decode_loop(module, block_size, params, tokens, positions, kv_cache, meta: AttentionMetadata,
+                 batch: SamplingBatch, *, num_steps: int, flags: SamplerFlags):
+    """num_steps decode steps on the device: each step's sampled tokens are the next step's
+    inputs, so the host sees the device once per num_steps tokens. Every sequence's blocks
+    must already hold num_steps more tokens. Returns SamplerOutput fields [steps, rows, ...]."""
+    rows = jnp.arange(tokens.shape[0])
+    real = meta.slot_mapping >= 0  # padding rows stay padding
+
+    def step(carry, _):
+        tokens, positions, context_lens, counters, kv_cache = carry
+        block = meta.block_tables[rows, positions // block_size]
+        slots = jnp.where(real, block * block_size + positions % block_size, -1)
+        step_meta = meta.replace(context_lens=context_lens, slot_mapping=slots)
+        logits, kv_cache = module.apply({"params": params}, tokens, positions, kv_cache, step_meta)
+        out = sample(logits, batch.replace(counters=counters), flags)
+        return (out.tokens, positions + 1, context_lens + real, counters + 1, kv_cache), out
+
+    carry = (tokens, positions, meta.context_lens, batch.counters, kv_cache)
+    (_, _, _, _, kv_cache), outputs = jax.lax.scan(step, carry, None, length=num_steps)
+    return outputs, kv_cache
+
+
+def _empty_batch(num_rows: int) -> dict[str, np.ndarray]:
+    """SamplingBatch fields (numpy) for rows that sample nothing special."""
+    return dict(
+        temperature=np.zeros(num_rows, np.float32), top_k=np.zeros(num_rows, np.int32),
+        top_p=np.ones(num_rows, np.float32), min_p=np.zeros(num_rows, np.float32),
+        keys=np.tile(request_key(0), (num_rows, 1)), counters=np.zeros(num_rows, np.int32),
+        presence=np.zeros(num_rows, np.float32), frequency=np.zeros(num_rows, np.float32),
+        repetition=np.ones(num_rows, np.float32), history=np.full((num_rows, 1), -1, np.int32),
+        output_start=np.zeros(num_rows, np.int32), banned=np.full((num_rows, 1), -1, np.int32),
+    )
+
+
+def _pad_ids(ids: np.ndarray) -> np.ndarray:
+    """Pad block ids to a power of two (>= 8) with -1, so few copy shapes compile."""
+    width = max(8, 1 << (len(ids) - 1).bit_length())
+    return np.concatenate([ids, np.full(width - len(ids), -1)]).astype(np.int32)
+
+
+def _pad_rows(pages: np.ndarray, width: int) -> np.ndarray:
+    return np.concatenate([pages, np.zeros((pages.shape[0], width - pages.shape[1]) + pages.shape[2:], pages.dtype)], 1)
+
+
+@jax.jit
+def _gather_blocks(kv_cache, blocks):
+    """Per layer (k, v) [Hkv, len(blocks), B, D] copies of the blocks (-1: block 0, unused)."""
+    ids = jnp.maximum(blocks, 0)
+    return tuple((k[:, ids], v[:, ids]) for k, v in kv_cache)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_blocks(kv_cache, blocks, pages):
+    ids = jnp.where(blocks >= 0, blocks, kv_cache[0][0].shape[1])  # padding is dropped
+    return tuple((k.at[:, ids].set(pk, mode="drop"), v.at[:, ids].set(pv, mode="drop"))
+                 for (k, v), (pk, pv) in zip(kv_cache, pages))

@@ -1,0 +1,207 @@
+"""The scheduler: token-centric continuous batching with FCFS admission and preemption.
+
+Each step hands out a token budget (`max_num_batched_tokens`) and a sequence budget
+(`max_num_seqs`). Running requests go first, oldest first: a decoding sequence needs one
+token, a sequence part-way through its prompt needs the rest of it (chunked when the budget is
+short). When the cache cannot hold the next tokens, the latest-arrived running request is
+preempted, all of its sequences together: by recompute (its blocks are freed and it waits to
+be prefilled again, prompt + output) or by swap (its blocks move to host memory and come back,
+before any new admission, when there is room). Then waiting requests are admitted in arrival
+order while the budgets and a watermark of free blocks allow; the first that does not fit
+stops admission (FCFS).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from paged_jax.block_manager import BlockManager
+from paged_jax.sequence import Sequence, SequenceGroup, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    preemption_mode: str = "recompute"  # or "swap"
+
+
+@dataclass
+class ScheduledChunk:
+    """seq computes tokens [num_cached, num_cached + num_new) this step."""
+
+    seq: Sequence
+    group: SequenceGroup
+    num_cached: int
+    num_new: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so the step samples its next one."""
+        return self.num_cached + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host) blocks
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device) blocks
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new for c in self.chunks)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(c.num_new == 1 for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.swapped: deque[SequenceGroup] = deque()
+        self.num_preemptions = 0
+
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        for queue in (self.waiting, self.running, self.swapped):
+            for group in list(queue):
+                if group.request_id == request_id:
+                    queue.remove(group)
+                    self._release(group)
+                    return group
+        return None
+
+    def finish(self, group: SequenceGroup) -> None:
+        """A running request is done: free its blocks."""
+        self.running.remove(group)
+        self._release(group)
+
+    def free_finished_seqs(self, group: SequenceGroup) -> None:
+        """Sequences of a still-running request that are done give their blocks back."""
+        done = [s for s in group.seqs if s.finished and s.block_table]
+        self.blocks.free(done)
+
+    def _release(self, group: SequenceGroup) -> None:
+        if group.status == Status.SWAPPED:
+            self.blocks.swap_pool.free([b for s in group.seqs for b in s.block_table])
+            for s in group.seqs:
+                s.block_table = []
+        else:
+            self.blocks.free(group.seqs)
+        group.status = Status.FINISHED
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if out.num_preempted == 0:
+            budget = self._schedule_swapped(out, budget)
+        if out.num_preempted == 0 and not self.swapped:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _num_seqs(self, out: SchedulerOutput) -> int:
+        return len(out.chunks)
+
+    def _plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+        """Tokens each active sequence of the group computes within budget; all sequences of a
+        group advance together, so the budget is split evenly."""
+        seqs = group.active
+        share = budget // max(1, len(seqs))
+        return [(s, min(s.num_tokens - s.num_computed_tokens, share)) for s in seqs]
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running):
+            group = self.running[i]
+            plan = self._plan(group, budget)
+            if any(n == 0 for _, n in plan) or self._num_seqs(out) + len(plan) > self.config.max_num_seqs:
+                i += 1
+                continue
+            growth = [(s, s.num_computed_tokens + n) for s, n in plan]
+            while not self.blocks.grow(growth):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is group:
+                    break
+            else:
+                self._add_chunks(out, group, plan)
+                budget -= sum(n for _, n in plan)
+                i += 1
+        return budget
+
+    def _schedule_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        while self.swapped:
+            group = self.swapped[0]
+            plan = self._plan(group, budget)
+            if any(n == 0 for _, n in plan) or self._num_seqs(out) + len(plan) > self.config.max_num_seqs:
+                break
+            # Its host blocks come back, plus what the next tokens need.
+            need = sum(len(s.block_table) + self.blocks.blocks_to_grow(s, s.num_computed_tokens + n) for s, n in plan)
+            if not self.blocks.can_admit(need):
+                break
+            self.swapped.popleft()
+            out.swap_in += self.blocks.swap_in(group.seqs)
+            assert self.blocks.grow([(s, s.num_computed_tokens + n) for s, n in plan])
+            group.status = Status.RUNNING
+            self.running.append(group)
+            self._add_chunks(out, group, plan)
+            budget -= sum(n for _, n in plan)
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            plan = self._plan(group, budget)
+            if any(n == 0 for _, n in plan) or self._num_seqs(out) + len(plan) > self.config.max_num_seqs:
+                break
+            growth = [(s, s.num_computed_tokens + n) for s, n in plan]
+            if not self.blocks.can_admit(sum(self.blocks.blocks_to_grow(s, t) for s, t in growth)):
+                break
+            assert self.blocks.grow(growth)
+            self.waiting.popleft()
+            group.status = Status.RUNNING
+            self.running.append(group)
+            self._add_chunks(out, group, plan)
+            budget -= sum(n for _, n in plan)
+
+    @staticmethod
+    def _add_chunks(out: SchedulerOutput, group: SequenceGroup, plan) -> None:
+        for seq, n in plan:
+            out.chunks.append(ScheduledChunk(seq, group, seq.num_computed_tokens, n))
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Evict a whole running request: swap it out if asked to and there is host room,
+        else free its blocks so it is recomputed from its tokens later."""
+        self.running.remove(group)
+        scheduled = [c for c in out.chunks if c.group is group]
+        for chunk in scheduled:
+            out.chunks.remove(chunk)
+        group.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        out.num_preempted += 1
+        seqs = group.active
+        if self.config.preemption_mode == "swap" and self.blocks.can_swap_out(seqs):
+            self.blocks.free([s for s in group.seqs if s.finished])
+            out.swap_out += self.blocks.swap_out(seqs)
+            group.status = Status.SWAPPED
+            self.swapped.appendleft(group)
+        else:
+            self.blocks.free(group.seqs)
+            for seq in seqs:
+                seq.num_computed_tokens = 0
+            group.status = Status.WAITING
+            self.waiting.appendleft(group)
