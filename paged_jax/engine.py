@@ -127,6 +127,10 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt(prompt)
+        if params.n > min(self.args.max_num_seqs, self.max_num_batched_tokens):
+            raise ValueError(f"request {request_id!r}: n={params.n} sequences can never be scheduled together "
+                             f"(max_num_seqs {self.args.max_num_seqs}, max_num_batched_tokens "
+                             f"{self.max_num_batched_tokens})")
         max_tokens = params.max_tokens or max(1, self.max_model_len - len(token_ids))
         if len(token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"request {request_id!r}: prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
