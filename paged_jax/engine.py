@@ -192,7 +192,7 @@ class LLMEngine:
         """Run one step; outputs of the requests that made progress (finished ones last seen)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
-        results = self.runner.execute(out, self._decode_steps(out))
+        results = self.runner.execute(out, *self._decode_steps(out))
         now = time.time()
         touched: dict[str, SequenceGroup] = {}
         for chunk, sampled in zip(out.chunks, results):
@@ -217,20 +217,24 @@ class LLMEngine:
         self._step_seconds += time.perf_counter() - start
         return outputs
 
-    def _decode_steps(self, out) -> int:
-        """How many decode steps the device may run in one loop: num_scheduler_steps when
-        only decodes run, none needs penalties or min_tokens (their inputs change every
-        token) and every sequence gets blocks for the extra tokens; else 1."""
+    def _decode_steps(self, out) -> tuple[int, list[int] | None]:
+        """How many decode steps the device may run in one loop, and how many tokens each
+        sequence's blocks must hold for it: num_scheduler_steps when only decodes run, none
+        needs penalties or min_tokens (their inputs change every token) and the blocks for
+        the extra tokens (never past max_tokens) can be had; else one step."""
         steps = self.args.num_scheduler_steps
         if steps == 1 or not out.chunks or not out.decode_only or out.swap_in or out.swap_out:
-            return 1
+            return 1, None
         for chunk in out.chunks:
             params, seq = chunk.group.params, chunk.seq
             if (not chunk.samples or params.penalised or len(seq.output_token_ids) < params.min_tokens
                     or seq.num_tokens - 1 + steps > self.max_model_len):
-                return 1
-        ok = self.block_manager.grow([(c.seq, c.seq.num_computed_tokens + steps) for c in out.chunks])
-        return steps if ok else 1
+                return 1, None
+        limits = [c.seq.num_computed_tokens + min(steps, c.group.params.max_tokens - len(c.seq.output_token_ids))
+                  for c in out.chunks]
+        if not self.block_manager.grow([(c.seq, limit) for c, limit in zip(out.chunks, limits)]):
+            return 1, None
+        return steps, limits
 
     def _append(self, seq: Sequence, group: SequenceGroup, sampled: Sampled, now: float) -> None:
         params = group.params
@@ -240,10 +244,9 @@ class LLMEngine:
         group.metrics.last_token_time = now
         if params.logprobs is not None:
             seq.cumulative_logprob += sampled.logprob
-            entry = {token: Logprob(sampled.logprob, None, self._decode(token))}
+            entry = {token: Logprob(sampled.logprob, sampled.rank, self._decode(token))}
             for rank, (top_token, logprob) in enumerate(sampled.top, start=1):
                 entry.setdefault(top_token, Logprob(logprob, rank, self._decode(top_token)))
-            entry[token].rank = next((r for r, (t, _) in enumerate(sampled.top, 1) if t == token), None)
             seq.logprobs.append(entry)
         delta = seq.detokenizer.add([token]) if seq.detokenizer else ""
         seq.text += delta
@@ -255,11 +258,11 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, params: SamplingParams, token: int, delta: str) -> None:
         num_output = len(seq.output_token_ids)
         if num_output >= params.min_tokens:
-            if token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-                return
-            if token in self.eos_token_ids and not params.ignore_eos:
-                seq.finish_reason = "stop"
+            stop_token = token in params.stop_token_ids
+            if stop_token or (token in self.eos_token_ids and not params.ignore_eos):
+                if not params.include_stop_str_in_output:  # a stop token's text is not emitted
+                    seq.text = seq.text[: len(seq.text) - len(delta)]
+                seq.finish_reason, seq.stop_reason = "stop", token if stop_token else None
                 return
             for stop in params.stop_strings:
                 start = max(0, len(seq.text) - len(delta) - len(stop) + 1)

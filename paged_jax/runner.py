@@ -57,6 +57,7 @@ class Bucket:
 class Sampled:
     token: int
     logprob: float
+    rank: int  # in the whole vocabulary; 0 when logprobs were not requested
     top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless asked
 
 
@@ -122,8 +123,9 @@ class ModelRunner:
                 logits = jnp.zeros((bucket.num_seqs, self.model.config.vocab_size), jnp.float32)
                 sample(logits, batch, flags).tokens.block_until_ready()
             if bucket.decode and num_scheduler_steps > 1:
+                limit = np.zeros(bucket.num_seqs, np.int32)
                 self._loop_executable(bucket, num_scheduler_steps, common[1],
-                                      (self.model.params, tokens, positions, self.kv_cache, meta, batch))
+                                      (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit))
         self.warmed_up = True
 
     def _loop_executable(self, bucket: Bucket, num_steps: int, flags: SamplerFlags, args):
@@ -134,10 +136,11 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput, num_steps: int = 1) -> list[list[Sampled]]:
+    def execute(self, out: SchedulerOutput, num_steps: int = 1, limits: list[int] | None = None) -> list[list[Sampled]]:
         """Run the step; for each scheduled chunk the tokens it sampled (none when the chunk
-        does not reach its sequence's end). num_steps > 1 (decode-only steps, blocks for the
-        extra tokens already allocated) decodes that many tokens in one device loop."""
+        does not reach its sequence's end). num_steps > 1 (decode-only steps) decodes that
+        many tokens in one device loop; limits[i] is the number of tokens chunk i's blocks
+        hold, past which its row writes nothing (its extra tokens are dropped)."""
         if out.swap_out:
             self._swap_out(out.swap_out)
             self.num_swapped_out += len(out.swap_out)
@@ -157,7 +160,9 @@ class ModelRunner:
         if num_steps > 1:
             assert bucket.decode and len(sampling) == len(chunks) and not flags.adjust
             flags = flags._replace(sample=True)  # greedy rows are handled too: one loop variant fewer
-            args = (self.model.params, tokens, positions, self.kv_cache, meta, batch)
+            limit = np.zeros(bucket.num_seqs, np.int32)
+            limit[: len(limits)] = limits
+            args = (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit)
             sampled, self.kv_cache = self._loop_executable(bucket, num_steps, flags, args)(*args)
         else:
             args = (self.model.params, tokens, positions, self.kv_cache, meta)
@@ -178,7 +183,7 @@ class ModelRunner:
     def _results(result, row: int, chunk: ScheduledChunk) -> list[Sampled]:
         k = chunk.group.params.logprobs or 0
         return [
-            Sampled(int(result.tokens[step, row]), float(result.logprobs[step, row]),
+            Sampled(int(result.tokens[step, row]), float(result.logprobs[step, row]), int(result.ranks[step, row]),
                     list(zip(result.top_ids[step, row, :k].tolist(), result.top_logprobs[step, row, :k].tolist())))
             for step in range(result.tokens.shape[0])
         ]
@@ -236,17 +241,18 @@ class ModelRunner:
 
 
 def _decode_loop(module, block_size, params, tokens, positions, kv_cache, meta: AttentionMetadata,
-                 batch: SamplingBatch, *, num_steps: int, flags: SamplerFlags):
+                 batch: SamplingBatch, limit, *, num_steps: int, flags: SamplerFlags):
     """num_steps decode steps on the device: each step's sampled tokens are the next step's
-    inputs, so the host sees the device once per num_steps tokens. Every sequence's blocks
-    must already hold num_steps more tokens. Returns SamplerOutput fields [steps, rows, ...]."""
+    inputs, so the host sees the device once per num_steps tokens. Row i writes K/V only at
+    positions below limit[i] (what its blocks hold); later tokens are computed and dropped.
+    Returns SamplerOutput fields [steps, rows, ...]."""
     rows = jnp.arange(tokens.shape[0])
     real = meta.slot_mapping >= 0  # padding rows stay padding
 
     def step(carry, _):
         tokens, positions, context_lens, counters, kv_cache = carry
-        block = meta.block_tables[rows, positions // block_size]
-        slots = jnp.where(real, block * block_size + positions % block_size, -1)
+        block = meta.block_tables[rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]
+        slots = jnp.where(real & (positions < limit), block * block_size + positions % block_size, -1)
         step_meta = meta.replace(context_lens=context_lens, slot_mapping=slots)
         logits, kv_cache = module.apply({"params": params}, tokens, positions, kv_cache, step_meta)
         out = sample(logits, batch.replace(counters=counters), flags)

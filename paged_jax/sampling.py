@@ -122,6 +122,7 @@ class SamplingBatch:
 class SamplerOutput(NamedTuple):
     tokens: jax.Array  # int32[S]
     logprobs: jax.Array  # float32[S]: the sampled token's logprob (0 when not requested)
+    ranks: jax.Array  # int32[S]: its rank in the whole vocabulary, 1 = most likely (0 when not requested)
     top_ids: jax.Array  # int32[S, MAX_LOGPROBS] (width 0 when not requested)
     top_logprobs: jax.Array  # float32[S, MAX_LOGPROBS]
 
@@ -147,13 +148,15 @@ def _adjust(logits, batch: SamplingBatch):
 
 
 def _filter(logits, batch: SamplingBatch):
-    """Keep each row's top_k tokens and its top_p nucleus (the smallest set whose
-    probability reaches top_p). logits are already divided by temperature."""
+    """Keep each row's top_k tokens, then the top_p nucleus of those (the smallest set whose
+    renormalised probability reaches top_p), as vLLM does. logits are already divided by
+    temperature."""
     vocab = logits.shape[1]
     ordered = jnp.sort(logits, axis=1)[:, ::-1]  # descending
     k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=1)
-    probs = jax.nn.softmax(ordered, axis=1)
+    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=1)  # renormalised over the top_k
     before = jnp.cumsum(probs, axis=1) - probs  # mass strictly above each sorted token
     in_nucleus = before < batch.top_p[:, None]
     cutoff = jnp.min(jnp.where(in_nucleus, ordered, jnp.inf), axis=1, keepdims=True)
@@ -199,8 +202,9 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> Samp
     num_rows = logits.shape[0]
     if not flags.logprobs:
         empty = jnp.zeros((num_rows, 0))
-        return SamplerOutput(tokens, jnp.zeros(num_rows), empty.astype(jnp.int32), empty)
+        return SamplerOutput(tokens, jnp.zeros(num_rows), jnp.zeros(num_rows, jnp.int32), empty.astype(jnp.int32), empty)
     log_probs = jax.nn.log_softmax(raw, axis=1)
     top_logprobs, top_ids = jax.lax.top_k(log_probs, min(MAX_LOGPROBS, logits.shape[1]))
     chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=1)[:, 0]
-    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    ranks = jnp.sum(log_probs > chosen[:, None], axis=1, dtype=jnp.int32) + 1
+    return SamplerOutput(tokens, chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)

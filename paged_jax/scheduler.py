@@ -13,6 +13,7 @@ stops admission (FCFS).
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -113,8 +114,18 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
-    def _num_seqs(self, out: SchedulerOutput) -> int:
-        return len(out.chunks)
+    def _fits(self, plan, seqs_in_use: int) -> bool:
+        """Every sequence gets a token, and the sequence limit holds."""
+        return all(n > 0 for _, n in plan) and seqs_in_use + len(plan) <= self.config.max_num_seqs
+
+    def _running_seqs(self) -> int:
+        return sum(len(g.active) for g in self.running)
+
+    def _start(self, group: SequenceGroup) -> None:
+        """Join the running set in arrival order, so its last member is the latest arrival
+        (the preemption victim) whatever order requests were readmitted in."""
+        group.status = Status.RUNNING
+        bisect.insort(self.running, group, key=lambda g: g.metrics.arrival_time)
 
     def _plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
         """Tokens each active sequence of the group computes within budget; all sequences of a
@@ -128,7 +139,7 @@ class Scheduler:
         while i < len(self.running):
             group = self.running[i]
             plan = self._plan(group, budget)
-            if any(n == 0 for _, n in plan) or self._num_seqs(out) + len(plan) > self.config.max_num_seqs:
+            if not self._fits(plan, len(out.chunks)):
                 i += 1
                 continue
             growth = [(s, s.num_computed_tokens + n) for s, n in plan]
@@ -147,7 +158,7 @@ class Scheduler:
         while self.swapped:
             group = self.swapped[0]
             plan = self._plan(group, budget)
-            if any(n == 0 for _, n in plan) or self._num_seqs(out) + len(plan) > self.config.max_num_seqs:
+            if not self._fits(plan, self._running_seqs()):
                 break
             # Its host blocks come back, plus what the next tokens need.
             need = sum(len(s.block_table) + self.blocks.blocks_to_grow(s, s.num_computed_tokens + n) for s, n in plan)
@@ -156,8 +167,7 @@ class Scheduler:
             self.swapped.popleft()
             out.swap_in += self.blocks.swap_in(group.seqs)
             assert self.blocks.grow([(s, s.num_computed_tokens + n) for s, n in plan])
-            group.status = Status.RUNNING
-            self.running.append(group)
+            self._start(group)
             self._add_chunks(out, group, plan)
             budget -= sum(n for _, n in plan)
         return budget
@@ -166,15 +176,14 @@ class Scheduler:
         while self.waiting and budget > 0:
             group = self.waiting[0]
             plan = self._plan(group, budget)
-            if any(n == 0 for _, n in plan) or self._num_seqs(out) + len(plan) > self.config.max_num_seqs:
+            if not self._fits(plan, self._running_seqs()):
                 break
             growth = [(s, s.num_computed_tokens + n) for s, n in plan]
             if not self.blocks.can_admit(sum(self.blocks.blocks_to_grow(s, t) for s, t in growth)):
                 break
             assert self.blocks.grow(growth)
             self.waiting.popleft()
-            group.status = Status.RUNNING
-            self.running.append(group)
+            self._start(group)
             self._add_chunks(out, group, plan)
             budget -= sum(n for _, n in plan)
 

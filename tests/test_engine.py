@@ -170,6 +170,18 @@ def test_aborted_and_finished_requests_leave_every_block_free(checkpoint, rng):
     assert engine.block_manager.swap_pool.num_free == engine.block_manager.swap_pool.num_blocks
 
 
+def test_running_sequences_never_exceed_max_num_seqs(checkpoint, rng):
+    llm = make_llm(checkpoint("gpt2"), max_num_seqs=5, max_num_batched_tokens=16)
+    engine = llm.engine
+    for i, prompt in enumerate(random_prompts(rng, [9, 3, 12, 4, 7, 2])):
+        engine.add_request(str(i), {"prompt_token_ids": prompt},
+                           SamplingParams(n=[1, 4, 1, 2, 1, 3][i], temperature=1.0, max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert sum(len(g.active) for g in engine.scheduler.running) <= 5
+    assert_all_blocks_free(llm)
+
+
 @pytest.mark.parametrize("steps, lengths", [(1, list(range(1, 11))), (8, [1, 9, 10])])
 def test_streaming_outputs_grow_step_by_step(checkpoint, rng, steps, lengths):
     llm = make_llm(checkpoint("gpt2"), num_scheduler_steps=steps)

@@ -59,6 +59,10 @@ def test_stop_token_ids_and_min_tokens(llm):
     out = complete(llm, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_id])
     assert out.token_ids == full.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    tokenizer = llm.get_tokenizer()
+    prompt_ids = tokenizer.encode(PROMPT)
+    before_stop = tokenizer.decode(prompt_ids + out.token_ids[:-1])[len(tokenizer.decode(prompt_ids)):]
+    assert out.text == before_stop  # the stop token's text is not emitted
     late = complete(llm, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=first + 3)
     assert stop_id not in late.token_ids[: first + 3]
     assert len(late.token_ids) >= first + 3
@@ -79,6 +83,8 @@ def test_logprobs_are_the_models_and_add_up(llm, llm_dir):
         assert sorted(e.rank for e in entry.values()) == [1, 2, 3]
     assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
     assert complete(llm, max_tokens=2).cumulative_logprob is None
+    only_chosen = complete(llm, max_tokens=2, logprobs=0)
+    assert [list(e.values())[0].rank for e in only_chosen.logprobs] == [1, 1]  # full-vocabulary rank
 
 
 def test_eos_stops_unless_ignored(llm, llm_dir, tmp_path):

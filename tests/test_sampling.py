@@ -44,6 +44,7 @@ def expected(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> np.ndarray:
 @pytest.mark.parametrize("params", [
     dict(temperature=1.0), dict(temperature=0.5), dict(temperature=2.0), dict(top_k=3), dict(top_p=0.6),
     dict(min_p=0.2), dict(top_k=5, top_p=0.8, temperature=0.8),
+    dict(top_k=2, top_p=0.55),  # top_p applies to the top_k renormalised: only the first survives
 ], ids=str)
 def test_samples_follow_the_filtered_distribution(params):
     freq, target = draw(**params), expected(**params)
