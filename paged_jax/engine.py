@@ -68,6 +68,8 @@ class EngineArgs:
                 "num_gpu_blocks_override", "must be >= 1")
         require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", f"must be one of {PREEMPTION_MODES}")
         require(self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be >= 1")
+        require(not self.enable_prefix_caching, "enable_prefix_caching",
+                "is not available yet (it comes with block sharing: fork, copy-on-write, cached blocks)")
 
 
 class LLMEngine:

@@ -140,6 +140,8 @@ def test_requests_that_can_never_fit_the_cache_are_rejected_at_add_time(checkpoi
                                   attention_backend="xla", warm_up=False))
     with pytest.raises(ValueError, match="whole cache"):
         engine.add_request("a", {"prompt_token_ids": [5] * 30}, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="enable_prefix_caching is not available yet"):
+        LLMEngine(EngineArgs(model=str(checkpoint("llama")), enable_prefix_caching=True, warm_up=False))
     with pytest.raises(ValueError, match="n=300 sequences can never be scheduled together"):
         engine.add_request("c", {"prompt_token_ids": [5]}, SamplingParams(n=300, max_tokens=1))
     with pytest.raises(ValueError, match="already in use"):
