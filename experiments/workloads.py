@@ -80,11 +80,6 @@ def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generat
     return np.cumsum(rng.gamma(burstiness, 1.0 / (rate * burstiness), n))
 
 
-def fixed_requests(n: int, prompt_len: int, output_len: int) -> list[Request]:
-    """vLLM's fixed-length trace."""
-    return [Request(prompt_len, output_len) for _ in range(n)]
-
-
 def prompt_token_ids(requests: list[Request], vocab_size: int, seed: int = 0) -> list[list[int]]:
     """Random prompt tokens (ids from 3 up, past the usual special tokens)."""
     rng = np.random.default_rng(seed)

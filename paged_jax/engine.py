@@ -143,7 +143,7 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} needs {blocks} KV blocks at its longest, more than the "
                              f"whole cache holds ({capacity}); lower max_tokens or n, or raise the cache size")
         if params.max_tokens is None:
-            params = _with_max_tokens(params, max_tokens)
+            params = dataclasses.replace(params, max_tokens=max_tokens)
         seqs = [
             Sequence(
                 seq_id=(seq_id := next(self._seq_ids)),
@@ -301,11 +301,6 @@ class LLMEngine:
             # metadata, dispatch, detokenisation): what a faster device could not remove.
             "host_overhead": 1 - self.runner.device_wait / self._step_seconds if self._step_seconds else 0.0,
         }
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
-    return SamplingParams(**{**fields, "max_tokens": max_tokens})
 
 
 def _mix(a: int, b: int) -> int:

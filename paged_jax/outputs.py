@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -45,5 +45,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # why a request failed on its own (the others carry on)
-    num_cached_tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (none without one)

@@ -37,6 +37,7 @@ from pallas_kernels.platform import resolve_interpret, triton_params
 from pallas_kernels.tiling import (
     MASK_VALUE,
     TilePlan,
+    decode_as_ragged,
     merge_partitions,
     padded_block_tables,
     plan_tiles,
@@ -263,11 +264,9 @@ def paged_attention(
     num_stages: int = 2,
 ) -> jax.Array:  # [num_seqs, num_q_heads, head_dim]
     """Decode attention: one query token per sequence over its paged context."""
-    shapes.check_decode(q, block_tables, lengths)
-    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
-    return ragged_paged_attention(
-        q, k_pages, v_pages, block_tables, lengths, cu_q_lens,
-        sm_scale=sm_scale, max_q_len=1, block_kv=block_kv, num_splits=num_splits,
+    return decode_as_ragged(
+        ragged_paged_attention, q, k_pages, v_pages, block_tables, lengths,
+        sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages,
     )
 

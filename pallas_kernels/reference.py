@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import shapes
+from pallas_kernels.tiling import decode_as_ragged
 
 
 def _gather_context(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -86,11 +87,8 @@ def paged_attention_reference(
     sm_scale: float | None = None,
 ) -> jax.Array:  # [num_seqs, num_q_heads, head_dim]
     """Decode: the ragged case with one query per sequence."""
-    shapes.check_decode(q, block_tables, lengths)
-    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
-    return ragged_paged_attention_reference(
-        q, k_pages, v_pages, block_tables, lengths, cu_q_lens, sm_scale=sm_scale, max_q_len=1
-    )
+    return decode_as_ragged(ragged_paged_attention_reference, q, k_pages, v_pages, block_tables, lengths,
+                            sm_scale=sm_scale)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))

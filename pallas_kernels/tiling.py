@@ -9,9 +9,12 @@ sequence, with all the query heads that share one KV head; the tile's rows are i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import shapes
 
 # Masked scores and empty rows use a large finite value: -inf - -inf would be NaN.
 MASK_VALUE = -1e30
@@ -151,3 +154,11 @@ def merge_partitions(o: jax.Array, lse: jax.Array) -> jax.Array:
     weight = jnp.exp(lse - lse.max(axis=0)[None])
     total = weight.sum(axis=0)
     return (o * weight[..., None]).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def decode_as_ragged(ragged: Callable, q, k_pages, v_pages, block_tables, lengths, **kwargs) -> jax.Array:
+    """Decode attention (q [num_seqs, Hq, D], lengths int32[num_seqs]) through a ragged
+    attention function: one query per sequence, so tiles of one token (max_q_len=1)."""
+    shapes.check_decode(q, block_tables, lengths)
+    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    return ragged(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, max_q_len=1, **kwargs)

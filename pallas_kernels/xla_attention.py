@@ -22,6 +22,7 @@ from pallas_kernels import shapes
 from pallas_kernels.tiling import (
     MASK_VALUE,
     cdiv,
+    decode_as_ragged,
     padded_block_tables,
     plan_tiles,
     tile_metadata,
@@ -104,7 +105,5 @@ def ragged_paged_attention_xla(
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None):
     """Decode: the ragged case with one query per sequence."""
-    shapes.check_decode(q, block_tables, lengths)
-    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
-    return ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, cu_q_lens,
-                                      sm_scale=sm_scale, max_q_len=1)
+    return decode_as_ragged(ragged_paged_attention_xla, q, k_pages, v_pages, block_tables, lengths,
+                            sm_scale=sm_scale)
