@@ -54,6 +54,18 @@ def time_call(fn: Callable[[], jax.Array], *, repeats: int = 5, min_seconds: flo
     return statistics.median(samples)
 
 
+def random_llama_checkpoint(model_config: dict, directory: Path, dtype: str) -> tuple[Path, int]:
+    """Save a randomly initialised Llama of the given shape as a Hugging Face checkpoint:
+    the cost of a real model without a download. Returns (directory, number of parameters)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_config, tie_word_embeddings=False))
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
+    return directory, sum(p.numel() for p in model.parameters())
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

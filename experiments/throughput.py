@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.common import device_slug, markdown_table, report
+from experiments.common import device_slug, markdown_table, random_llama_checkpoint, report
 from experiments.workloads import SHAREGPT, describe, prompt_token_ids, sample_requests
 from paged_jax import LLM, SamplingParams
 
@@ -33,16 +33,6 @@ CPU = dict(model=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers
 GPU = dict(model=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
            requests=1000, max_model_len=2048, hf_batches=(16, 64), max_num_seqs=256, dtype="bfloat16")
-
-
-def make_checkpoint(model_config: dict, directory: Path, dtype: str) -> tuple[Path, int]:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_config, tie_word_embeddings=False))
-    model.to(getattr(torch, dtype)).save_pretrained(directory)
-    return directory, sum(p.numel() for p in model.parameters())
 
 
 def run_ours(path: Path, prompts, requests, sizes, scheduler_steps: int) -> dict:
@@ -89,7 +79,7 @@ def main(argv: list[str] | None = None) -> str:
     out_tokens = sum(r.output_len for r in requests)
     all_tokens = out_tokens + sum(r.prompt_len for r in requests)
     with tempfile.TemporaryDirectory() as tmp:
-        path, num_params = make_checkpoint(sizes["model"], Path(tmp), sizes["dtype"])
+        path, num_params = random_llama_checkpoint(sizes["model"], Path(tmp), sizes["dtype"])
         ours_by_steps = {k: run_ours(path, prompts, requests, sizes, k) for k in args.scheduler_steps}
         hf = {b: run_hf(path, prompts, requests, b, sizes["dtype"]) for b in sizes["hf_batches"]}
     best_steps = min(ours_by_steps, key=lambda k: ours_by_steps[k]["seconds"])

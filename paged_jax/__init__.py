@@ -1,10 +1,12 @@
 """paged-jax: vLLM's PagedAttention serving system in JAX."""
 
+from paged_jax.beam_search import BeamSearchParams
 from paged_jax.config import ModelConfig
 from paged_jax.engine import EngineArgs, LLMEngine
 from paged_jax.llm import LLM
 from paged_jax.models import Model, load_model
-from paged_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from paged_jax.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestMetrics,
+                               RequestOutput)
 from paged_jax.sampling import SamplingParams
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -13,6 +15,9 @@ __all__ = [
     "LLMEngine",
     "EngineArgs",
     "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

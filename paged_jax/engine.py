@@ -4,6 +4,11 @@ interface). `LLM` (llm.py) drives it for offline batches.
 A step: the scheduler picks token chunks within the budgets, the runner computes them and
 samples where a chunk reaches a sequence's end, and the engine appends the tokens, streams
 their text, applies stop conditions and frees the blocks of finished requests.
+
+Sharing happens here, between steps: when the prompt of a request with n > 1 is computed,
+its n - 1 siblings fork from it (each sampled its first token from the prompt's logits); a
+beam search step forks the beams kept more than once and frees those dropped. Full blocks
+are offered to the prefix cache as they fill.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from paged_jax.beam_search import BeamSearch, BeamSearchParams, Continuation, check_beam_width
 from paged_jax.block_manager import BlockManager
 from paged_jax.cache import kv_cache_bytes_per_block
 from paged_jax.models import Model, load_model
@@ -44,6 +50,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     enable_prefix_caching: bool = False
+    # False: a fork copies every block instead of sharing it (what sharing saves is measured
+    # against this; outputs are the same).
+    enable_block_sharing: bool = True
     preemption_mode: str = "recompute"
     seed: int = 0
     attention_backend: str = "auto"
@@ -68,8 +77,6 @@ class EngineArgs:
                 "num_gpu_blocks_override", "must be >= 1")
         require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", f"must be one of {PREEMPTION_MODES}")
         require(self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be >= 1")
-        require(not self.enable_prefix_caching, "enable_prefix_caching",
-                "is not available yet (it comes with block sharing: fork, copy-on-write, cached blocks)")
 
 
 class LLMEngine:
@@ -90,7 +97,9 @@ class LLMEngine:
         bytes_per_block = kv_cache_bytes_per_block(config, args.block_size, self.model.dtype)
         num_blocks = args.num_gpu_blocks_override or self._num_blocks(bytes_per_block)
         num_swap_blocks = int(args.swap_space * (1 << 30)) // bytes_per_block if args.preemption_mode == "swap" else 0
-        self.block_manager = BlockManager(num_blocks, args.block_size, num_swap_blocks)
+        self.block_manager = BlockManager(num_blocks, args.block_size, num_swap_blocks,
+                                          enable_prefix_caching=args.enable_prefix_caching,
+                                          enable_block_sharing=args.enable_block_sharing)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, self.max_num_batched_tokens, args.preemption_mode), self.block_manager)
         self.runner = ModelRunner(
@@ -103,6 +112,7 @@ class LLMEngine:
         self.groups: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
         self._utilization = []  # tokens stored / slots allocated, per step
+        self._sharing = []  # (blocks the sequences' tables name, physical blocks they use), per step
         self._step_seconds = 0.0
 
     def _num_blocks(self, bytes_per_block: int) -> int:
@@ -122,13 +132,21 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request; a request that can never run raises ValueError and changes nothing."""
+    def add_request(self, request_id: str, prompt: str | dict | list[int],
+                    params: SamplingParams | BeamSearchParams | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request (sampling, or beam search); a request that can never run raises
+        ValueError and changes nothing."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt(prompt)
+        beam = None
+        if isinstance(params, BeamSearchParams):
+            check_beam_width(params, self.eos_token_ids)
+            beam = BeamSearch(params, self.eos_token_ids)
+            # The beams' next tokens come from the sampler's top logprobs of greedy rows.
+            params = SamplingParams(n=params.beam_width, temperature=0.0, max_tokens=params.max_tokens,
+                                    ignore_eos=params.ignore_eos, logprobs=beam.num_candidates)
         if params.n > min(self.args.max_num_seqs, self.max_num_batched_tokens):
             raise ValueError(f"request {request_id!r}: n={params.n} sequences can never be scheduled together "
                              f"(max_num_seqs {self.args.max_num_seqs}, max_num_batched_tokens "
@@ -144,21 +162,21 @@ class LLMEngine:
                              f"whole cache holds ({capacity}); lower max_tokens or n, or raise the cache size")
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=max_tokens)
-        seqs = [
-            Sequence(
-                seq_id=(seq_id := next(self._seq_ids)),
-                index=i,
-                prompt_token_ids=token_ids,
-                key=request_key(_mix(params.seed, i) if params.seed is not None else _mix(self.args.seed, seq_id + 1)),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-                if self.tokenizer else None,
-            )
-            for i in range(params.n)
-        ]
+        # n > 1: the siblings are born when the prompt is computed, forking from the first.
+        # A beam search starts from one beam.
+        seqs = [self._new_sequence(token_ids, params, i, born=i == 0) for i in range(1 if beam else params.n)]
         group = SequenceGroup(request_id, text, token_ids, params, seqs,
-                              RequestMetrics(arrival_time=arrival_time or time.time()))
+                              RequestMetrics(arrival_time=arrival_time or time.time()), beam=beam)
         self.groups[request_id] = group
         self.scheduler.add(group)
+
+    def _new_sequence(self, token_ids: list[int], params: SamplingParams, index: int, born: bool) -> Sequence:
+        seq_id = next(self._seq_ids)
+        seed = _mix(params.seed, index) if params.seed is not None else _mix(self.args.seed, seq_id + 1)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
+            if self.tokenizer else None
+        return Sequence(seq_id=seq_id, index=index, prompt_token_ids=token_ids, key=request_key(seed),
+                        detokenizer=detokenizer, born=born)
 
     def _prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -181,8 +199,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         group = self.scheduler.abort(request_id)
         if group is not None:
-            for seq in group.active:
-                seq.finish_reason = "abort"
+            for seq in group.seqs:
+                seq.finish_reason = seq.finish_reason or "abort"
             self.groups.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -194,19 +212,35 @@ class LLMEngine:
         """Run one step; outputs of the requests that made progress (finished ones last seen)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
-        results = self.runner.execute(out, *self._decode_steps(out))
+        num_steps, limits = self._decode_steps(out)
+        self._record_utilization(out)
+        rows = out.sampler_rows()
+        results = self.runner.execute(out, num_steps, limits)
         now = time.time()
         touched: dict[str, SequenceGroup] = {}
-        for chunk, sampled in zip(out.chunks, results):
-            seq, group = chunk.seq, chunk.group
-            seq.num_computed_tokens += chunk.num_new + max(0, len(sampled) - 1)
-            group.metrics.first_scheduled_time = group.metrics.first_scheduled_time or now
+        for i, chunk in enumerate(out.chunks):
+            # A decode loop writes K/V up to each row's limit (tokens past it are dropped).
+            chunk.seq.num_computed_tokens = limits[i] if limits else chunk.num_cached + chunk.num_new
+            chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or now
+            for child in chunk.samplers[1:]:  # the prompt is computed: its siblings fork from it
+                self.block_manager.fork(chunk.seq, child)
+                child.num_computed_tokens, child.block_names, child.born = chunk.seq.num_computed_tokens, [], True
+        beams: dict[str, list] = {}
+        for (chunk, seq), sampled in zip(rows, results):
+            group = chunk.group
+            touched[group.request_id] = group
+            if group.beam:
+                beams.setdefault(group.request_id, []).append((seq, sampled[0]))
+                continue
             for result in sampled:
                 if seq.finished:  # a multi-step loop ran past this sequence's stop: drop the rest
                     break
                 self._append(seq, group, result, now)
-                touched[group.request_id] = group
-        self._record_utilization()
+        for request_id, choices in beams.items():
+            group = self.groups[request_id]
+            assert len(choices) == len(group.active), "the beams of a group sample together"
+            self._beam_step(group, choices, now)
+        self.block_manager.cache_full_blocks([c.seq for c in out.chunks])
         outputs = []
         for group in touched.values():
             if group.finished:
@@ -219,6 +253,41 @@ class LLMEngine:
         self._step_seconds += time.perf_counter() - start
         return outputs
 
+    def _beam_step(self, group: SequenceGroup, choices: list[tuple[Sequence, Sampled]], now: float) -> None:
+        """One step of a beam search: keep the best continuations; a beam kept k times forks
+        k - 1 children, a beam not kept is freed."""
+        beams = [seq for seq, _ in choices]
+        keep = group.beam.step([(s.output_token_ids, s.cumulative_logprob, r.top) for s, r in choices])
+        group.metrics.first_token_time = group.metrics.first_token_time or now
+        group.metrics.last_token_time = now
+        if group.beam.done:
+            for h in group.beam.hypotheses:
+                shown = h.token_ids if group.beam.params.include_stop_str_in_output or h.finish_reason == "length" \
+                    else h.token_ids[:-1]
+                h.text = self.tokenizer.decode(shown) if self.tokenizer else ""
+            for seq in beams:
+                seq.finish_reason = "length"
+            return
+        kept = [self._continue_beam(group, beams, c, first=c.parent not in {k.parent for k in keep[:i]})
+                for i, c in enumerate(keep)]
+        kept_ids = {id(s) for s in kept}
+        self.block_manager.free([s for s in beams if id(s) not in kept_ids])
+        group.seqs = kept
+        for seq, c in zip(kept, keep):
+            seq.output_token_ids.append(c.token)
+            seq.cumulative_logprob = c.cum_logprob
+
+    def _continue_beam(self, group: SequenceGroup, beams: list[Sequence], c: Continuation, first: bool) -> Sequence:
+        """The sequence that carries continuation c: its parent the first time, else a fork."""
+        parent = beams[c.parent]
+        if first:
+            return parent
+        child = self._new_sequence(parent.prompt_token_ids, group.params, parent.index, born=True)
+        child.output_token_ids = list(parent.output_token_ids)
+        child.num_computed_tokens, child.block_names = parent.num_computed_tokens, list(parent.block_names)
+        self.block_manager.fork(parent, child)
+        return child
+
     def _decode_steps(self, out) -> tuple[int, list[int] | None]:
         """How many decode steps the device may run in one loop, and how many tokens each
         sequence's blocks must hold for it: num_scheduler_steps when only decodes run, none
@@ -229,13 +298,14 @@ class LLMEngine:
             return 1, None
         for chunk in out.chunks:
             params, seq = chunk.group.params, chunk.seq
-            if (not chunk.samples or params.penalised or len(seq.output_token_ids) < params.min_tokens
+            if (len(chunk.samplers) != 1 or chunk.group.beam or params.penalised or len(seq.output_token_ids) < params.min_tokens
                     or seq.num_tokens - 1 + steps > self.max_model_len):
                 return 1, None
         limits = [c.seq.num_computed_tokens + min(steps, c.group.params.max_tokens - len(c.seq.output_token_ids))
                   for c in out.chunks]
         if not self.block_manager.grow([(c.seq, limit) for c, limit in zip(out.chunks, limits)]):
             return 1, None
+        assert not self.block_manager.pending_copies, "the scheduler made the written blocks private"
         return steps, limits
 
     def _append(self, seq: Sequence, group: SequenceGroup, sampled: Sampled, now: float) -> None:
@@ -278,12 +348,16 @@ class LLMEngine:
 
     # -- figures -----------------------------------------------------------------------------
 
-    def _record_utilization(self) -> None:
-        """Tokens stored / slots allocated: the paper's Fig. 2 metric, measured live."""
-        used = self.block_manager.num_blocks - self.block_manager.num_free_blocks
-        if used:
-            stored = sum(s.num_computed_tokens for g in self.scheduler.running for s in g.active)
-            self._utilization.append(stored / (used * self.args.block_size))
+    def _record_utilization(self, out) -> None:
+        """Once a step is scheduled: tokens stored after it / slots the tables name (the
+        paper's Fig. 2 metric), and the blocks the tables name against the blocks in use (what
+        sharing saves)."""
+        seqs = [s for g in self.scheduler.running for s in g.active]
+        named = sum(len(s.block_table) for s in seqs)
+        if named:
+            stored = sum(min(s.num_computed_tokens, s.num_tokens) for s in seqs) + out.num_tokens
+            self._utilization.append(stored / (named * self.args.block_size))
+            self._sharing.append((named, self.block_manager.num_blocks - self.block_manager.num_free_blocks))
 
     def stats(self) -> dict:
         return {
@@ -297,6 +371,12 @@ class LLMEngine:
             "compiles_after_warmup": self.runner.compiles_after_warmup,
             "num_swapped_out_blocks": self.runner.num_swapped_out,
             "num_swapped_in_blocks": self.runner.num_swapped_in,
+            "num_copied_blocks": self.runner.num_copied,
+            # 1 - blocks in use / blocks the tables name, over all steps: what sharing saved.
+            "block_sharing_saving": 1 - sum(u for _, u in self._sharing) / named if (
+                named := sum(n for n, _ in self._sharing)) else 0.0,
+            "prefix_cache_hit_rate": self.scheduler.num_cached_prompt_tokens / self.scheduler.num_prompt_tokens
+            if self.scheduler.num_prompt_tokens else 0.0,
             # Share of step time the host spent not waiting for the device (scheduling,
             # metadata, dispatch, detokenisation): what a faster device could not remove.
             "host_overhead": 1 - self.runner.device_wait / self._step_seconds if self._step_seconds else 0.0,

@@ -7,8 +7,9 @@ from typing import Sequence as Seq
 
 from tqdm import tqdm
 
+from paged_jax.beam_search import BeamSearchParams
 from paged_jax.engine import EngineArgs, LLMEngine
-from paged_jax.outputs import RequestMetrics, RequestOutput
+from paged_jax.outputs import BeamSearchOutput, BeamSearchSequence, RequestMetrics, RequestOutput
 from paged_jax.sampling import SamplingParams
 
 PromptType = str | dict
@@ -21,14 +22,14 @@ class LLM:
                  num_gpu_blocks_override: int | None = None, gpu_memory_utilization: float = 0.9,
                  swap_space: float = 4, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  max_model_len: int | None = None, enable_prefix_caching: bool = False,
-                 preemption_mode: str = "recompute", seed: int = 0, attention_backend: str = "auto",
+                 enable_block_sharing: bool = True, preemption_mode: str = "recompute", seed: int = 0, attention_backend: str = "auto",
                  num_scheduler_steps: int = 8, warm_up: bool = True):
         self.engine = LLMEngine(EngineArgs(
             model=str(model), tokenizer=tokenizer, dtype=dtype, block_size=block_size,
             num_gpu_blocks_override=num_gpu_blocks_override, gpu_memory_utilization=gpu_memory_utilization,
             swap_space=swap_space, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-            preemption_mode=preemption_mode, seed=seed, attention_backend=attention_backend,
+            enable_block_sharing=enable_block_sharing, preemption_mode=preemption_mode, seed=seed, attention_backend=attention_backend,
             num_scheduler_steps=num_scheduler_steps, warm_up=warm_up,
         ))
         self._ids = itertools.count()
@@ -47,16 +48,33 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        return self._run(prompts, sampling_params, use_tqdm, "generate")
+
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search inside the engine, batched with whatever else runs; outputs in input
+        order, each with its beam_width best sequences, best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        outputs = []
+        for output in self._run(prompts, [params] * len(prompts), use_tqdm, "beam search"):
+            outputs.append(BeamSearchOutput(
+                sequences=[BeamSearchSequence(output.prompt_token_ids + c.token_ids, c.cumulative_logprob, c.text,
+                                              c.finish_reason) for c in output.outputs],
+                error=output.error))
+        return outputs
+
+    def _run(self, prompts, params, use_tqdm: bool, desc: str) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         order = []
-        for prompt, params in zip(prompts, sampling_params):
+        for prompt, request_params in zip(prompts, params):
             request_id = str(next(self._ids))
             order.append(request_id)
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, request_params)
             except ValueError as error:
                 results[request_id] = _failed(request_id, prompt, str(error))
-        with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
+        with tqdm(total=len(order), desc=desc, disable=not use_tqdm) as bar:
             bar.update(len(results))
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():

@@ -46,3 +46,19 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None  # why a request failed on its own (the others carry on)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (none without one)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam, as vLLM's `LLM.beam_search` returns it."""
+
+    tokens: list[int]  # the prompt's and the generated ones (with the EOS that ended it)
+    cum_logprob: float
+    text: str | None = None  # the generated text, without the EOS unless include_stop_str_in_output
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first (by length-penalised score)
+    error: str | None = None  # why the request failed on its own

@@ -13,6 +13,7 @@ blocks live in host memory (numpy), one array per layer and K/V.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from paged_jax.cache import AttentionMetadata, SequenceChunk, build_metadata, in
 from paged_jax.models import Model
 from paged_jax.sampling import MAX_LOGPROBS, SamplerFlags, SamplingBatch, request_key, sample
 from paged_jax.scheduler import ScheduledChunk, SchedulerOutput
+from paged_jax.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET = 16
+LOOP_FLAGS = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # plain sampling
 
 
 def _buckets(low: int, high: int, *, halves: bool = False) -> list[int]:
@@ -84,6 +87,7 @@ class ModelRunner:
         self.num_calls = 0  # host round trips
         self.num_swapped_out = 0  # blocks copied device -> host
         self.num_swapped_in = 0
+        self.num_copied = 0  # blocks copied on write
         self.device_wait = 0.0  # seconds the host spent waiting for step results
 
     # -- shapes ------------------------------------------------------------------------------
@@ -94,12 +98,22 @@ class ModelRunner:
         return next(b for b in self.mixed_buckets if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs)
 
     def _executable(self, bucket: Bucket, args):
-        if bucket not in self.executables:
-            if self.warmed_up:
+        return self._compiled(bucket, lambda: self.model.forward.lower(*args), warmed=True)
+
+    def _loop_executable(self, bucket: Bucket, num_steps: int, flags: SamplerFlags, args):
+        """The decode loop; warm-up compiles its plain-sampling variant for every decode shape,
+        the rarer sampler variants (top-k/p, logprobs) compile on first use."""
+        lower = lambda: self._decode_loop.lower(*args, num_steps=num_steps, flags=flags)  # noqa: E731
+        return self._compiled((bucket, num_steps, flags), lower, warmed=flags == LOOP_FLAGS)
+
+    def _compiled(self, key, lower, *, warmed: bool):
+        """Compile once per key; a key warm-up should have covered is an error when missing."""
+        if key not in self.executables:
+            if self.warmed_up and warmed:
                 self.compiles_after_warmup += 1
-                logger.error("compiling step shape %s after warm-up; the bucket set is incomplete", bucket)
-            self.executables[bucket] = self.model.forward.lower(*args).compile()
-        return self.executables[bucket]
+                logger.error("compiling step %s after warm-up; the warm-up set is incomplete", key)
+            self.executables[key] = lower().compile()
+        return self.executables[key]
 
     def _inputs(self, chunks: list[SequenceChunk], tokens: np.ndarray, bucket: Bucket):
         positions, meta = build_metadata(
@@ -114,7 +128,7 @@ class ModelRunner:
         """Compile every step shape and the common sampler variants before serving (and the
         multi-step decode loop for every decode shape when it will be used)."""
         dummy = [SequenceChunk([0], 0, 1)]
-        common = (SamplerFlags(False, False, False, False), SamplerFlags(True, False, False, False))
+        common = (SamplerFlags(False, False, False, False), LOOP_FLAGS)
         for bucket in self.decode_buckets + self.mixed_buckets:
             tokens, positions, meta = self._inputs(dummy, np.zeros(1, np.int32), bucket)
             self._executable(bucket, (self.model.params, tokens, positions, self.kv_cache, meta))
@@ -124,41 +138,52 @@ class ModelRunner:
                 sample(logits, batch, flags).tokens.block_until_ready()
             if bucket.decode and num_scheduler_steps > 1:
                 limit = np.zeros(bucket.num_seqs, np.int32)
-                self._loop_executable(bucket, num_scheduler_steps, common[1],
+                self._loop_executable(bucket, num_scheduler_steps, LOOP_FLAGS,
                                       (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit))
         self.warmed_up = True
-
-    def _loop_executable(self, bucket: Bucket, num_steps: int, flags: SamplerFlags, args):
-        key = (bucket, num_steps, flags)
-        if key not in self.executables:
-            self.executables[key] = self._decode_loop.lower(*args, num_steps=num_steps, flags=flags).compile()
-        return self.executables[key]
 
     # -- one step ----------------------------------------------------------------------------
 
     def execute(self, out: SchedulerOutput, num_steps: int = 1, limits: list[int] | None = None) -> list[list[Sampled]]:
-        """Run the step; for each scheduled chunk the tokens it sampled (none when the chunk
-        does not reach its sequence's end). num_steps > 1 (decode-only steps) decodes that
-        many tokens in one device loop; limits[i] is the number of tokens chunk i's blocks
-        hold, past which its row writes nothing (its extra tokens are dropped)."""
+        """Run the step: block moves first (swap out, swap in, copy-on-write copies), then the
+        model. Returns, for each of out.sampler_rows(), the tokens it sampled. num_steps > 1
+        (decode-only steps) decodes that many tokens in one device loop; limits[i] is the number
+        of tokens chunk i's blocks hold, past which its row writes nothing (its extra tokens
+        are dropped)."""
         if out.swap_out:
             self._swap_out(out.swap_out)
             self.num_swapped_out += len(out.swap_out)
         if out.swap_in:
             self._swap_in(out.swap_in)
             self.num_swapped_in += len(out.swap_in)
+        if out.copies:
+            src, dst = (_pad_ids(np.asarray(x)) for x in zip(*out.copies))
+            self.kv_cache = _copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, src, dst)
+            self.num_copied += len(out.copies)
         if not out.chunks:
             return []
         chunks = out.chunks
         bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
-        tokens = np.fromiter((c.seq.token(p) for c in chunks for p in range(c.num_cached, c.num_cached + c.num_new)),
-                             np.int32, count=out.num_tokens)
+        tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
+                                                           for c in chunks), np.int32, count=out.num_tokens)
         tokens, positions, meta = self._inputs(
             [SequenceChunk(c.seq.block_table, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
-        sampling = [c for c in chunks if c.samples]
-        batch, flags = self._sampling_batch(chunks, bucket.num_seqs) if sampling else (None, None)
+        index = {id(c): i for i, c in enumerate(chunks)}
+        rows = [(index[id(c)], (c, seq)) for c, seq in out.sampler_rows()]
+        # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
+        # then the rows are packed and take their chunk's logits by index.
+        fan_out = len(rows) > sum(c.samples for c in chunks)
+        if fan_out:
+            num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
+            logit_rows = np.zeros(num_rows, np.int32)
+            logit_rows[: len(rows)] = [i for i, _ in rows]
+            placed = [(row, entry) for row, (_, entry) in enumerate(rows)]
+        else:
+            num_rows = bucket.num_seqs
+            placed = rows
+        batch, flags = self._sampling_batch(placed, num_rows) if rows else (None, None)
         if num_steps > 1:
-            assert bucket.decode and len(sampling) == len(chunks) and not flags.adjust
+            assert bucket.decode and len(rows) == len(chunks) and not fan_out and not flags.adjust
             flags = flags._replace(sample=True)  # greedy rows are handled too: one loop variant fewer
             limit = np.zeros(bucket.num_seqs, np.int32)
             limit[: len(limits)] = limits
@@ -167,17 +192,19 @@ class ModelRunner:
         else:
             args = (self.model.params, tokens, positions, self.kv_cache, meta)
             logits, self.kv_cache = self._executable(bucket, args)(*args)
-            if not sampling:
+            if not rows:
                 self.num_steps += 1
                 self.num_calls += 1
-                return [[] for _ in chunks]
+                return []
+            if fan_out:
+                logits = _take_rows(logits, logit_rows)
             sampled = jax.tree.map(lambda x: x[None], sample(logits, batch, flags))  # one step of k
         self.num_steps += num_steps
         self.num_calls += 1
         start = time.perf_counter()
         result = jax.device_get(sampled)  # [steps, rows, ...]
         self.device_wait += time.perf_counter() - start
-        return [self._results(result, i, chunk) if chunk.samples else [] for i, chunk in enumerate(chunks)]
+        return [self._results(result, row, chunk) for row, (chunk, _) in placed]
 
     @staticmethod
     def _results(result, row: int, chunk: ScheduledChunk) -> list[Sampled]:
@@ -188,11 +215,13 @@ class ModelRunner:
             for step in range(result.tokens.shape[0])
         ]
 
-    def _sampling_batch(self, chunks: list[ScheduledChunk], num_rows: int) -> tuple[SamplingBatch, SamplerFlags]:
+    def _sampling_batch(self, placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]],
+                        num_rows: int) -> tuple[SamplingBatch, SamplerFlags]:
+        """Sampling inputs with (row, (chunk, sequence)) placed at each row."""
         b = _empty_batch(num_rows)
         banned_rows, history_rows = {}, {}
-        for i, chunk in enumerate(chunks):
-            p, seq = chunk.group.params, chunk.seq
+        for i, (chunk, seq) in placed:
+            p = chunk.group.params
             b["temperature"][i], b["top_k"][i], b["top_p"][i], b["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
             b["presence"][i], b["frequency"][i], b["repetition"][i] = (
                 p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
@@ -202,7 +231,7 @@ class ModelRunner:
                 history_rows[i] = seq
             if len(seq.output_token_ids) < p.min_tokens:
                 banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
-        sampling = [c for c in chunks if c.samples]
+        sampling = [chunk for _, (chunk, _) in placed]
         flags = SamplerFlags(
             sample=any(not c.group.params.greedy for c in sampling),
             filter=any(not c.group.params.greedy and (c.group.params.top_k > 0 or c.group.params.top_p < 1)
@@ -283,6 +312,17 @@ def _pad_ids(ids: np.ndarray) -> np.ndarray:
 
 def _pad_rows(pages: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([pages, np.zeros((pages.shape[0], width - pages.shape[1]) + pages.shape[2:], pages.dtype)], 1)
+
+
+@jax.jit
+def _take_rows(logits, rows):
+    return logits[rows]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _copy_blocks(copy, kv_cache, src, dst):
+    """Copy whole blocks src[i] -> dst[i] (-1 = padding) in every layer, K and V."""
+    return tuple(copy(k, v, src, dst) for k, v in kv_cache)
 
 
 @jax.jit

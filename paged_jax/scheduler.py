@@ -8,7 +8,9 @@ preempted, all of its sequences together: by recompute (its blocks are freed and
 be prefilled again, prompt + output) or by swap (its blocks move to host memory and come back,
 before any new admission, when there is room). Then waiting requests are admitted in arrival
 order while the budgets and a watermark of free blocks allow; the first that does not fit
-stops admission (FCFS).
+stops admission (FCFS). With the prefix cache on, a waiting request starts after its
+longest cached prefix. A request with n > 1 runs one sequence until its prompt is computed,
+then forks (engine.py); it is counted as n sequences from admission on.
 """
 
 from __future__ import annotations
@@ -42,12 +44,19 @@ class ScheduledChunk:
         """The chunk reaches the sequence's last token, so the step samples its next one."""
         return self.num_cached + self.num_new == self.seq.num_tokens
 
+    @property
+    def samplers(self) -> list[Sequence]:
+        """The sequences that take a token from this chunk's logits: its own, and at the end of
+        a prompt the siblings that will fork from it (n > 1)."""
+        return [self.seq] + self.group.unborn if self.samples else []
+
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host) blocks
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device) blocks
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) device blocks
     num_preempted: int = 0
 
     @property
@@ -58,6 +67,10 @@ class SchedulerOutput:
     def decode_only(self) -> bool:
         return all(c.num_new == 1 for c in self.chunks)
 
+    def sampler_rows(self) -> list[tuple[ScheduledChunk, Sequence]]:
+        """(chunk, sequence) for every token this step samples, in the order results come."""
+        return [(c, seq) for c in self.chunks for seq in c.samplers]
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
@@ -67,6 +80,8 @@ class Scheduler:
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # over first admissions, for the prefix-cache hit rate
+        self.num_cached_prompt_tokens = 0
 
     def add(self, group: SequenceGroup) -> None:
         self.waiting.append(group)
@@ -112,14 +127,15 @@ class Scheduler:
             budget = self._schedule_swapped(out, budget)
         if out.num_preempted == 0 and not self.swapped:
             self._schedule_waiting(out, budget)
+        out.copies = self.blocks.take_copies()
         return out
 
-    def _fits(self, plan, seqs_in_use: int) -> bool:
+    def _fits(self, group: SequenceGroup, plan, seqs_in_use: int) -> bool:
         """Every sequence gets a token, and the sequence limit holds."""
-        return all(n > 0 for _, n in plan) and seqs_in_use + len(plan) <= self.config.max_num_seqs
+        return all(n > 0 for _, n in plan) and seqs_in_use + group.num_running_seqs <= self.config.max_num_seqs
 
     def _running_seqs(self) -> int:
-        return sum(len(g.active) for g in self.running)
+        return sum(g.num_running_seqs for g in self.running)
 
     def _start(self, group: SequenceGroup) -> None:
         """Join the running set in arrival order, so its last member is the latest arrival
@@ -127,19 +143,21 @@ class Scheduler:
         group.status = Status.RUNNING
         bisect.insort(self.running, group, key=lambda g: g.metrics.arrival_time)
 
-    def _plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
-        """Tokens each active sequence of the group computes within budget; all sequences of a
-        group advance together, so the budget is split evenly."""
+    def _plan(self, group: SequenceGroup, budget: int, starts: list[int] | None = None) -> list[tuple[Sequence, int]]:
+        """Tokens each active sequence of the group computes within budget, from starts (default:
+        what it has computed); all sequences of a group advance together, so the budget is
+        split evenly."""
         seqs = group.active
         share = budget // max(1, len(seqs))
-        return [(s, min(s.num_tokens - s.num_computed_tokens, share)) for s in seqs]
+        starts = starts or [s.num_computed_tokens for s in seqs]
+        return [(s, min(s.num_tokens - start, share)) for s, start in zip(seqs, starts)]
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
+        i, in_use = 0, 0
         while i < len(self.running):
             group = self.running[i]
             plan = self._plan(group, budget)
-            if not self._fits(plan, len(out.chunks)):
+            if not self._fits(group, plan, in_use):
                 i += 1
                 continue
             growth = [(s, s.num_computed_tokens + n) for s, n in plan]
@@ -151,16 +169,19 @@ class Scheduler:
             else:
                 self._add_chunks(out, group, plan)
                 budget -= sum(n for _, n in plan)
+                in_use += group.num_running_seqs
                 i += 1
         return budget
 
     def _schedule_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        in_use = self._running_seqs()
         while self.swapped:
             group = self.swapped[0]
             plan = self._plan(group, budget)
-            if not self._fits(plan, self._running_seqs()):
+            if not self._fits(group, plan, in_use):
                 break
-            # Its host blocks come back, plus what the next tokens need.
+            # Its host blocks come back, plus what the next tokens need (counting each reference
+            # to a shared block: enough for any copy-on-write).
             need = sum(len(s.block_table) + self.blocks.blocks_to_grow(s, s.num_computed_tokens + n) for s, n in plan)
             if not self.blocks.can_admit(need):
                 break
@@ -170,22 +191,37 @@ class Scheduler:
             self._start(group)
             self._add_chunks(out, group, plan)
             budget -= sum(n for _, n in plan)
+            in_use += group.num_running_seqs
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        in_use = self._running_seqs()
+        bs = self.blocks.block_size
         while self.waiting and budget > 0:
-            group = self.waiting[0]
-            plan = self._plan(group, budget)
-            if not self._fits(plan, self._running_seqs()):
+            group = self.waiting[0]  # nothing of it is in the cache
+            hits = [self.blocks.cached_prefix(s) for s in group.active]
+            if group.beam:  # beams sample together, so they start together
+                hits = [hit[: min(map(len, hits))] for hit in hits]
+            starts = [len(hit) * bs for hit in hits]
+            plan = self._plan(group, budget, starts)
+            if not self._fits(group, plan, in_use):
                 break
-            growth = [(s, s.num_computed_tokens + n) for s, n in plan]
-            if not self.blocks.can_admit(sum(self.blocks.blocks_to_grow(s, t) for s, t in growth)):
+            need = sum(-(-(start + n) // bs) - len(hit) for (_, n), start, hit in zip(plan, starts, hits))
+            if not self.blocks.can_admit(need + self.blocks.cost_of_hits(hits)):
                 break
-            assert self.blocks.grow(growth)
+            for seq, hit in zip(group.active, hits):
+                if hit:
+                    self.blocks.use_cached(seq, hit)
+            assert self.blocks.grow([(s, s.num_computed_tokens + n) for s, n in plan])
+            if group.num_cached_tokens is None:
+                group.num_cached_tokens = min(starts[0], len(group.prompt_token_ids))
+                self.num_prompt_tokens += len(group.prompt_token_ids)
+                self.num_cached_prompt_tokens += group.num_cached_tokens
             self.waiting.popleft()
             self._start(group)
             self._add_chunks(out, group, plan)
             budget -= sum(n for _, n in plan)
+            in_use += group.num_running_seqs
 
     @staticmethod
     def _add_chunks(out: SchedulerOutput, group: SequenceGroup, plan) -> None:

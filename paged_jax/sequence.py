@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from paged_jax.beam_search import BeamSearch
 from paged_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from paged_jax.sampling import SamplingParams
 from paged_jax.tokenizer import IncrementalDetokenizer
@@ -25,7 +26,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: compared (and hashed) by identity
 class Sequence:
     seq_id: int
     index: int  # which of its request's n completions
@@ -35,6 +36,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    born: bool = True  # False: a sibling waiting for its request's prompt, to fork from it
+    block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks
+    num_cached_blocks: int = 0  # leading blocks of block_table known to the prefix cache
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     text: str = ""
@@ -49,12 +53,17 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def token(self, position: int) -> int:
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without joining the two lists."""
         prompt = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < prompt else self.output_token_ids[position - prompt]
+        if stop <= prompt:
+            return self.prompt_token_ids[start:stop]
+        if start >= prompt:
+            return self.output_token_ids[start - prompt : stop - prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceGroup:
     """One request: its n sequences are scheduled and preempted together."""
 
@@ -66,34 +75,60 @@ class SequenceGroup:
     metrics: RequestMetrics
     status: Status = Status.WAITING
     error: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    beam: BeamSearch | None = None  # a beam search request: seqs are its live beams
 
     @property
     def active(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.finished]
+        """The sequences that compute: born and not finished."""
+        return [s for s in self.seqs if s.born and not s.finished]
+
+    @property
+    def unborn(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.born]
+
+    @property
+    def num_running_seqs(self) -> int:
+        """How many sequences the request runs at most from now on (beams: the width)."""
+        if self.beam:
+            return 0 if self.beam.done else self.beam.params.beam_width
+        return sum(not s.finished for s in self.seqs)
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        return self.beam.done if self.beam else all(s.finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
-        want_logprobs = self.params.logprobs is not None
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[
-                CompletionOutput(
-                    index=s.index,
-                    text=s.text,
-                    token_ids=list(s.output_token_ids),
-                    cumulative_logprob=s.cumulative_logprob if want_logprobs else None,
-                    logprobs=list(s.logprobs) if want_logprobs else None,
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                )
-                for s in self.seqs
-            ],
+            outputs=self._beam_outputs() if self.beam else self._sample_outputs(),
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            num_cached_tokens=self.num_cached_tokens or 0,
         )
+
+    def _sample_outputs(self) -> list[CompletionOutput]:
+        want_logprobs = self.params.logprobs is not None
+        return [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if want_logprobs else None,
+                logprobs=list(s.logprobs) if want_logprobs else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in self.seqs
+        ]
+
+    def _beam_outputs(self) -> list[CompletionOutput]:
+        """The finished hypotheses, best first, once the search is done; the live beams before."""
+        if not self.beam.done:
+            return [CompletionOutput(i, s.text, list(s.output_token_ids), s.cumulative_logprob, None)
+                    for i, s in enumerate(self.seqs)]
+        return [CompletionOutput(i, h.text, list(h.token_ids), h.cum_logprob, None, h.finish_reason)
+                for i, h in enumerate(self.beam.hypotheses)]

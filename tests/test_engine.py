@@ -4,44 +4,11 @@ no KV block leaks; a bad request fails alone; no step shape compiles after warm-
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 from hf_checkpoints import load_reference
+from serving import GREEDY, assert_all_blocks_free, generate_ids, hf_greedy, make_llm, random_prompts
 
-from paged_jax import LLM, LLMEngine, EngineArgs, SamplingParams
-
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-
-def hf_greedy(reference, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
-    return out[0, len(prompt):].tolist()
-
-
-def random_prompts(rng, lengths):
-    return [rng.integers(3, 128, size=n).tolist() for n in lengths]
-
-
-def make_llm(path, **kwargs) -> LLM:
-    settings = dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_gpu_blocks_override=128,
-                    attention_backend="xla", warm_up=False)
-    return LLM(str(path), **{**settings, **kwargs})
-
-
-def generate_ids(llm, prompts, params=GREEDY):
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs]
-
-
-def assert_all_blocks_free(llm):
-    engine = llm.engine
-    assert not engine.has_unfinished_requests()
-    assert engine.stats()["num_free_blocks"] == engine.stats()["num_blocks"]
-    engine.block_manager.check_no_leaks([])
-
+from paged_jax import LLMEngine, EngineArgs, SamplingParams
 
 @pytest.mark.parametrize("variant", ["gpt2", "opt_350m_style", "llama", "qwen2"])
 def test_greedy_equals_hf_generate_with_a_roomy_cache(checkpoint, rng, variant):
@@ -140,8 +107,9 @@ def test_requests_that_can_never_fit_the_cache_are_rejected_at_add_time(checkpoi
                                   attention_backend="xla", warm_up=False))
     with pytest.raises(ValueError, match="whole cache"):
         engine.add_request("a", {"prompt_token_ids": [5] * 30}, SamplingParams(max_tokens=20))
-    with pytest.raises(ValueError, match="enable_prefix_caching is not available yet"):
-        LLMEngine(EngineArgs(model=str(checkpoint("llama")), enable_prefix_caching=True, warm_up=False))
+    with pytest.raises(ValueError, match="enable_prefix_caching shares blocks across requests"):
+        LLMEngine(EngineArgs(model=str(checkpoint("llama")), enable_prefix_caching=True, enable_block_sharing=False,
+                             warm_up=False))
     with pytest.raises(ValueError, match="n=300 sequences can never be scheduled together"):
         engine.add_request("c", {"prompt_token_ids": [5]}, SamplingParams(n=300, max_tokens=1))
     with pytest.raises(ValueError, match="already in use"):
@@ -198,9 +166,11 @@ def test_streaming_outputs_grow_step_by_step(checkpoint, rng, steps, lengths):
 
 
 def test_no_step_compiles_after_warm_up_in_a_mixed_workload(checkpoint, rng):
-    llm = make_llm(checkpoint("llama"), warm_up=True, max_num_batched_tokens=32, num_gpu_blocks_override=48)
+    llm = make_llm(checkpoint("llama"), warm_up=True, max_num_batched_tokens=32, num_gpu_blocks_override=48,
+                   enable_prefix_caching=True)
     prompts = random_prompts(rng, [3, 50, 17, 1, 33, 8, 12, 26, 5, 40])
-    params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, seed=i)
+    prompts[7][:12] = prompts[2][:12]  # a prefix-cache hit
+    params = [SamplingParams(n=3 if i == 4 else 1, temperature=t, max_tokens=m, ignore_eos=True, seed=i)
               for i, (t, m) in enumerate(zip([0, 1, 0.7, 0, 1, 0, 0.5, 1, 0, 0.9], [5, 12, 3, 20, 7, 9, 1, 15, 6, 11]))]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 12, 3, 20, 7, 9, 1, 15, 6, 11]

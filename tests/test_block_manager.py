@@ -1,0 +1,180 @@
+"""The block manager keeps every sequence's KV exact under any storm of admissions (with
+prefix-cache hits), appends (with copy-on-write), forks, frees, evictions and swaps.
+
+A model of the cache's contents runs beside it: each device and host block holds the tokens
+written into its slots, block copies and swaps move them, and after every operation each live
+sequence must read back its own tokens through its block table. The books must balance too:
+reference counts equal the tables' and the prefix cache's holdings, nothing leaks.
+"""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import numpy as np
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from paged_jax.block_manager import BlockManager
+from paged_jax.sequence import Sequence
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 40
+NUM_SWAP_BLOCKS = 24
+# Prompts drawn from a few shared prefixes, so that the prefix cache gets hits.
+PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 9, 9, 9, 9, 5, 5], [7] * 14]
+
+
+def sequence(tokens: list[int]) -> Sequence:
+    return Sequence(seq_id=0, index=0, prompt_token_ids=tokens, key=np.zeros(2, np.uint32), detokenizer=None)
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE, NUM_SWAP_BLOCKS, watermark=0, enable_prefix_caching=True)
+        self.device = {b: [None] * BLOCK_SIZE for b in range(NUM_BLOCKS)}  # what each slot holds
+        self.host = {b: [None] * BLOCK_SIZE for b in range(NUM_SWAP_BLOCKS)}
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+
+    # -- what the runner would do --------------------------------------------------------
+
+    def _copy(self):
+        for src, dst in self.bm.take_copies():
+            self.device[dst] = list(self.device[src])
+
+    def _compute(self, seq: Sequence):
+        """Write seq's uncomputed tokens into its blocks, as a model step does."""
+        self._copy()
+        for p in range(seq.num_computed_tokens, seq.num_tokens):
+            self.device[seq.block_table[p // BLOCK_SIZE]][p % BLOCK_SIZE] = seq.tokens(p, p + 1)[0]
+        seq.num_computed_tokens = seq.num_tokens
+        self.bm.cache_full_blocks([seq])
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @rule(prefix=st.sampled_from(PREFIXES), cut=st.integers(1, 14), tail=st.lists(st.integers(20, 23), max_size=6))
+    def admit(self, prefix, cut, tail):
+        seq = sequence(prefix[:cut] + tail)
+        hit = self.bm.cached_prefix(seq)
+        new = -(-seq.num_tokens // BLOCK_SIZE) - len(hit)
+        if not self.bm.can_admit(new + self.bm.cost_of_hits([hit])):
+            return
+        if hit:
+            self.bm.use_cached(seq, hit)
+        assert self.bm.grow([(seq, seq.num_tokens)])
+        self._compute(seq)
+        self.running.append(seq)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), token=st.integers(20, 23))
+    def append(self, data, token):
+        seq = data.draw(st.sampled_from(self.running))
+        seq.output_token_ids.append(token)
+        if self.bm.grow([(seq, seq.num_tokens)]):
+            self._compute(seq)
+        else:
+            seq.output_token_ids.pop()
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(self.running))
+        child = sequence(parent.prompt_token_ids)
+        child.output_token_ids = list(parent.output_token_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.bm.fork(parent, child)
+        self.running.append(child)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(self.running))
+        self.running.remove(seq)
+        self.bm.free([seq])
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def swap_out(self, data):
+        seq = data.draw(st.sampled_from(self.running))
+        family = [s for s in self.running if set(s.block_table) & set(seq.block_table)]  # shares blocks: goes too
+        if not self.bm.can_swap_out(family):
+            return
+        snapshot = {b: list(v) for b, v in self.device.items()}  # the swap reads before anything is written
+        for device_block, host_block in self.bm.swap_out(family):
+            self.host[host_block] = snapshot[device_block]
+        self.running = [s for s in self.running if s not in family]
+        self.swapped.append(family)
+
+    @precondition(lambda self: self.swapped)
+    @rule()
+    def swap_in(self):
+        family = self.swapped[0]
+        if not self.bm.can_admit(sum(len(s.block_table) for s in family)):
+            return
+        self.swapped.pop(0)
+        for host_block, device_block in self.bm.swap_in(family):
+            self.device[device_block] = list(self.host[host_block])
+        self.running += family
+
+    @rule(n=st.integers(1, 8))
+    def evict(self, n):
+        self.bm.make_room(min(self.bm.device_pool.num_free + n, self.bm.num_free_blocks))
+
+    # -- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def every_sequence_reads_back_its_tokens(self):
+        self._copy()
+        for seq in self.running:
+            read = [self.device[seq.block_table[p // BLOCK_SIZE]][p % BLOCK_SIZE] for p in range(seq.num_computed_tokens)]
+            assert read == seq.tokens(0, seq.num_computed_tokens)
+        for family in self.swapped:
+            for seq in family:
+                read = [self.host[seq.block_table[p // BLOCK_SIZE]][p % BLOCK_SIZE]
+                        for p in range(seq.num_computed_tokens)]
+                assert read == seq.tokens(0, seq.num_computed_tokens)
+
+    @invariant()
+    def the_books_balance(self):
+        self.bm.check_no_leaks(self.running)
+        swap = self.bm.swap_pool
+        held = np.zeros(NUM_SWAP_BLOCKS, np.int64)
+        for family in self.swapped:
+            for seq in family:
+                np.add.at(held, seq.block_table, 1)
+        assert np.array_equal(swap.refs, held) and swap.num_free == int((held == 0).sum())
+
+
+BlockManagerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+TestBlockManager = BlockManagerMachine.TestCase
+
+
+def test_a_prefix_is_found_up_to_its_first_evicted_block():
+    bm = BlockManager(16, BLOCK_SIZE, enable_prefix_caching=True, watermark=0)
+    first = sequence(list(range(1, 15)))  # 3 full blocks + 2 tokens
+    assert bm.grow([(first, first.num_tokens)])
+    first.num_computed_tokens = first.num_tokens
+    bm.cache_full_blocks([first])
+    blocks = first.block_table[:3]
+    bm.free([first])
+    assert bm.num_free_blocks == 16  # idle cached blocks count as free
+    assert bm.cached_prefix(sequence(list(range(1, 15)) + [99])) == blocks
+    bm.prefix_cache.evictable.move_to_end(blocks[1], last=False)  # the middle block is now the oldest
+    bm.make_room(bm.device_pool.num_free + 1)
+    assert bm.cached_prefix(sequence(list(range(1, 15)))) == blocks[:1]
+    assert bm.cached_prefix(sequence([1, 2, 3, 4, 5, 6, 7, 0, 9])) == blocks[:1]  # tokens differ in block 1
+    bm.check_no_leaks([])
+
+
+def test_a_hash_collision_never_hands_out_the_wrong_block(monkeypatch):
+    import paged_jax.block_manager as block_manager
+
+    monkeypatch.setattr(block_manager, "block_name", lambda parent, tokens: b"same")  # every block collides
+    bm = BlockManager(8, BLOCK_SIZE, enable_prefix_caching=True, watermark=0)
+    seq = sequence([1, 2, 3, 4, 5])
+    assert bm.grow([(seq, 5)])
+    seq.num_computed_tokens = 5
+    bm.cache_full_blocks([seq])
+    assert bm.cached_prefix(sequence([1, 2, 3, 4, 0])) == seq.block_table[:1]
+    assert bm.cached_prefix(sequence([4, 3, 2, 1, 0])) == []
