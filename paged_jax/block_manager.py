@@ -186,9 +186,12 @@ class BlockManager:
     # -- sharing -----------------------------------------------------------------------------
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child holds parent's blocks too (copied on its first write)."""
+        """child starts from parent's computed KV: it holds the same blocks (copied on its
+        first write into a shared one) and has computed what parent has."""
         child.block_table = list(parent.block_table)
+        child.block_names = list(parent.block_names)
         child.num_cached_blocks = parent.num_cached_blocks
+        child.num_computed_tokens = parent.num_computed_tokens
         self.device_pool.fork(child.block_table)
 
     def free(self, seqs: list[Sequence]) -> None:

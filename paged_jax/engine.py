@@ -215,18 +215,19 @@ class LLMEngine:
         num_steps, limits = self._decode_steps(out)
         self._record_utilization(out)
         rows = out.sampler_rows()
-        results = self.runner.execute(out, num_steps, limits)
+        results = self.runner.execute(out, rows, num_steps, limits)
         now = time.time()
         touched: dict[str, SequenceGroup] = {}
         for i, chunk in enumerate(out.chunks):
             # A decode loop writes K/V up to each row's limit (tokens past it are dropped).
             chunk.seq.num_computed_tokens = limits[i] if limits else chunk.num_cached + chunk.num_new
             chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or now
-            for child in chunk.samplers[1:]:  # the prompt is computed: its siblings fork from it
-                self.block_manager.fork(chunk.seq, child)
-                child.num_computed_tokens, child.block_names, child.born = chunk.seq.num_computed_tokens, [], True
+        for _, chunk, seq in rows:
+            if seq is not chunk.seq:  # the prompt is computed: its sibling forks from it
+                self.block_manager.fork(chunk.seq, seq)
+                seq.born = True
         beams: dict[str, list] = {}
-        for (chunk, seq), sampled in zip(rows, results):
+        for (_, chunk, seq), sampled in zip(rows, results):
             group = chunk.group
             touched[group.request_id] = group
             if group.beam:
@@ -270,8 +271,8 @@ class LLMEngine:
             return
         kept = [self._continue_beam(group, beams, c, first=c.parent not in {k.parent for k in keep[:i]})
                 for i, c in enumerate(keep)]
-        kept_ids = {id(s) for s in kept}
-        self.block_manager.free([s for s in beams if id(s) not in kept_ids])
+        still_used = set(kept)
+        self.block_manager.free([s for s in beams if s not in still_used])
         group.seqs = kept
         for seq, c in zip(kept, keep):
             seq.output_token_ids.append(c.token)
@@ -284,7 +285,6 @@ class LLMEngine:
             return parent
         child = self._new_sequence(parent.prompt_token_ids, group.params, parent.index, born=True)
         child.output_token_ids = list(parent.output_token_ids)
-        child.num_computed_tokens, child.block_names = parent.num_computed_tokens, list(parent.block_names)
         self.block_manager.fork(parent, child)
         return child
 

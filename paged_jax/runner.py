@@ -144,9 +144,10 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput, num_steps: int = 1, limits: list[int] | None = None) -> list[list[Sampled]]:
+    def execute(self, out: SchedulerOutput, rows: list[tuple[int, ScheduledChunk, Sequence]], num_steps: int = 1,
+                limits: list[int] | None = None) -> list[list[Sampled]]:
         """Run the step: block moves first (swap out, swap in, copy-on-write copies), then the
-        model. Returns, for each of out.sampler_rows(), the tokens it sampled. num_steps > 1
+        model. Returns, for each of rows (out.sampler_rows()), the tokens it sampled. num_steps > 1
         (decode-only steps) decodes that many tokens in one device loop; limits[i] is the number
         of tokens chunk i's blocks hold, past which its row writes nothing (its extra tokens
         are dropped)."""
@@ -168,19 +169,17 @@ class ModelRunner:
                                                            for c in chunks), np.int32, count=out.num_tokens)
         tokens, positions, meta = self._inputs(
             [SequenceChunk(c.seq.block_table, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
-        index = {id(c): i for i, c in enumerate(chunks)}
-        rows = [(index[id(c)], (c, seq)) for c, seq in out.sampler_rows()]
         # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
         # then the rows are packed and take their chunk's logits by index.
         fan_out = len(rows) > sum(c.samples for c in chunks)
         if fan_out:
             num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
             logit_rows = np.zeros(num_rows, np.int32)
-            logit_rows[: len(rows)] = [i for i, _ in rows]
-            placed = [(row, entry) for row, (_, entry) in enumerate(rows)]
+            logit_rows[: len(rows)] = [i for i, _, _ in rows]
+            placed = [(row, (c, seq)) for row, (_, c, seq) in enumerate(rows)]
         else:
             num_rows = bucket.num_seqs
-            placed = rows
+            placed = [(i, (c, seq)) for i, c, seq in rows]
         batch, flags = self._sampling_batch(placed, num_rows) if rows else (None, None)
         if num_steps > 1:
             assert bucket.decode and len(rows) == len(chunks) and not fan_out and not flags.adjust

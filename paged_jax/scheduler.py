@@ -67,9 +67,10 @@ class SchedulerOutput:
     def decode_only(self) -> bool:
         return all(c.num_new == 1 for c in self.chunks)
 
-    def sampler_rows(self) -> list[tuple[ScheduledChunk, Sequence]]:
-        """(chunk, sequence) for every token this step samples, in the order results come."""
-        return [(c, seq) for c in self.chunks for seq in c.samplers]
+    def sampler_rows(self) -> list[tuple[int, ScheduledChunk, Sequence]]:
+        """(chunk index, chunk, sequence) for every token this step samples, in the order
+        results come."""
+        return [(i, c, seq) for i, c in enumerate(self.chunks) for seq in c.samplers]
 
 
 class Scheduler:
@@ -200,8 +201,7 @@ class Scheduler:
         while self.waiting and budget > 0:
             group = self.waiting[0]  # nothing of it is in the cache
             hits = [self.blocks.cached_prefix(s) for s in group.active]
-            if group.beam:  # beams sample together, so they start together
-                hits = [hit[: min(map(len, hits))] for hit in hits]
+            hits = [hit[: min(map(len, hits))] for hit in hits]  # a group advances together: same start
             starts = [len(hit) * bs for hit in hits]
             plan = self._plan(group, budget, starts)
             if not self._fits(group, plan, in_use):

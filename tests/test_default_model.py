@@ -20,10 +20,6 @@ MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "stdlib-llama"
 PROMPTS = ["def __init__(self", "import os\n"]
 MAX_TOKENS = 24
 
-pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / "config.json").is_file(),
-    reason=f"{MODEL_DIR} does not exist: make it with `python -m experiments.train_default_model`")
-
 
 @pytest.fixture(scope="module")
 def reference():
