@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 run: $(STAMP)
-	$(BIN)/python -m experiments.kernel_bench
+	$(BIN)/python -m experiments.reproduce --quick
 
 clean:
 	rm -rf $(VENV)

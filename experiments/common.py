@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import platform
 import re
 import statistics
@@ -14,6 +16,15 @@ from typing import Callable
 import jax
 
 RESULTS = Path(__file__).parent / "results"
+COMPILATION_CACHE = Path(__file__).parent / ".jax_cache"
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled programs on disk: every engine of a sweep compiles the same step
+    functions, and the second one loads them in seconds instead of compiling for a minute."""
+    jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def device_kind() -> str:
@@ -78,6 +89,60 @@ def report(name: str, title: str, body: str) -> Path:
     path = write_result(name, title, body)
     print(f"\nwrote {path}")
     return path
+
+
+def result_name(module: str, size: str, default: str) -> str:
+    """results/ name of a run: <module>_<device>, suffixed with the size unless it is the
+    module's default, so a smoke run never overwrites the reference numbers."""
+    return f"{module}_{device_slug()}" + ("" if size == default else f"_{size}")
+
+
+def run_figure(module, size: str, **options) -> dict:
+    """Measure a figure module at a size and publish its table, data and plot; the data.
+
+    A figure module (experiments/<name>.py) has NAME, TITLE, SIZES, DEFAULT_SIZE and
+    measure(size, **options) -> JSON-able data, table(data) -> markdown, plot(data) -> a
+    matplotlib Figure, headline(data) -> [figure, quantity, paper, ours] rows. Notebooks and
+    reproduce.py call these; options are the module's boolean flags (simulate=True runs are
+    published as <NAME>_simulated)."""
+    data = module.measure(size, **options)
+    name = module.NAME + ("_simulated" if options.get("simulate") else "")
+    publish(result_name(name, size, module.DEFAULT_SIZE), module.TITLE, module.table(data), data, module.plot(data))
+    return data
+
+
+def figure_main(module, argv: list[str] | None = None, flags: dict[str, str] | None = None) -> dict:
+    """The command line of a figure module: --size, and its boolean flags (name -> help)."""
+    parser = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=tuple(module.SIZES), default=module.DEFAULT_SIZE)
+    for flag, help in (flags or {}).items():
+        parser.add_argument(f"--{flag}", action="store_true", help=help)
+    args = vars(parser.parse_args(argv))
+    return run_figure(module, args.pop("size"), **args)
+
+
+def publish(name: str, title: str, body: str, data: dict, figure=None) -> Path:
+    """A figure's results: the table (printed and written to results/<name>.md), its data as
+    results/<name>.json (what notebooks and reproduce.py read back) and the plot as
+    results/<name>.png."""
+    path = report(name, title, body)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    if figure is not None:
+        figure.savefig(RESULTS / f"{name}.png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
+    """A matplotlib figure and its axes, drawn off screen (Agg) unless a notebook chose a
+    backend; the caller adds a suptitle."""
+    import matplotlib
+
+    if "inline" not in matplotlib.get_backend():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
 
 
 def write_result(name: str, title: str, body: str) -> Path:

@@ -27,5 +27,5 @@ timeout 240 python -m experiments.kernel_bench --tune 2>&1 | grep -v "it/s\]" | 
 
 echo "== model benchmark"
 timeout 120 python -m experiments.model_bench 2>&1 | grep -v "it/s\]" | tee "$OUT/model_bench.log" || status=1
-cp experiments/results/kernel_bench_*.md experiments/results/model_bench_*.md "$OUT/" 2>/dev/null || true
+cp experiments/results/kernel_bench_* experiments/results/model_bench_* "$OUT/" 2>/dev/null || true
 exit $status

@@ -17,12 +17,16 @@ Models are random Llama-shaped checkpoints (experiments/common.py). The saving o
 sampling depends only on lengths; beam search's depends on how often beams share ancestors,
 which a random model's flat next-token distribution makes rarer than a trained model's.
 
-Run `python -m experiments.sharing [--quick]`; results go to experiments/results/sharing_<device>.md.
+Sizes: full (the default) is the run in results/README.md, about 15 minutes on a 2-core CPU;
+quick runs a quarter of the requests; tiny, for the notebook tests, one short Alpaca-like
+request per run and a small prefix engine: it checks the pipeline, its numbers mean little.
+Run `python -m experiments.sharing [--size tiny|quick|full]`; results go to
+experiments/results/sharing_<device>[_<size>].{md,json,png}.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,20 +34,36 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.common import device_slug, markdown_table, random_llama_checkpoint, report
-from experiments.throughput import CPU as THROUGHPUT_CPU, GPU as THROUGHPUT_GPU
-from experiments.workloads import ALPACA, SHAREGPT, describe, prompt_token_ids, sample_requests
+from experiments.common import device_kind, figure_main, markdown_table, new_figure, random_llama_checkpoint
+from experiments.throughput import CPU as THROUGHPUT_CPU
+from experiments.throughput import GPU as THROUGHPUT_GPU
+from experiments.workloads import DATASETS, describe, prompt_token_ids, sample_requests
 from paged_jax import LLM, BeamSearchParams, SamplingParams
 
 # Memory saving depends on lengths, not on model size: a small model keeps the runs short.
 SAVING_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048)
-SAVING_REQUESTS = {"alpaca": 64, "sharegpt": 24}
+# The tiny run's prefix engine: the saving model, and few step shapes (no multi-step decode
+# loop) so that its warm-up, twice per run, takes seconds rather than minutes.
+TINY_PREFIX_ENGINE = dict(model=SAVING_MODEL, dtype="float32", llm=dict(
+    max_model_len=512, max_num_seqs=2, max_num_batched_tokens=512, num_scheduler_steps=1))
+SIZES = {  # requests: per workload, in the order they run; prefix_engine None: throughput.py's
+    "tiny": dict(requests={"alpaca": 1}, widths=(2,), prefix_requests=6, prefix_engine=TINY_PREFIX_ENGINE),
+    "quick": dict(requests={"alpaca": 16, "sharegpt": 6}, widths=(2, 4, 6), prefix_requests=16, prefix_engine=None),
+    "full": dict(requests={"alpaca": 64, "sharegpt": 24}, widths=(2, 4, 6), prefix_requests=64, prefix_engine=None),
+}
+NAME = "sharing"
+TITLE = "Memory sharing: parallel sampling, beam search, shared prefixes (Fig. 14-16)"
+DEFAULT_SIZE = "full"  # the size whose results file carries no size suffix
+
+KINDS = {"parallel": "parallel sampling", "beam": "beam search"}
+WIDTH_NAMES = {"parallel": "n", "beam": "width"}
+LABELS = {"alpaca": "Alpaca", "sharegpt": "ShareGPT"}
 PAPER_SAVING = {  # percent, read from §6.3 (Fig. 15); the paper gives only the ends of some ranges
-    ("alpaca", "parallel", 2): "6.09", ("alpaca", "parallel", 4): "8.53", ("alpaca", "parallel", 6): "9.79",
-    ("alpaca", "beam", 2): "37.6", ("alpaca", "beam", 6): "55.2",
-    ("sharegpt", "parallel", 2): "16.2", ("sharegpt", "parallel", 6): "30.5",
-    ("sharegpt", "beam", 2): "44.3", ("sharegpt", "beam", 6): "66.3",
+    ("alpaca", "parallel", 2): 6.09, ("alpaca", "parallel", 4): 8.53, ("alpaca", "parallel", 6): 9.79,
+    ("alpaca", "beam", 2): 37.6, ("alpaca", "beam", 6): 55.2,
+    ("sharegpt", "parallel", 2): 16.2, ("sharegpt", "parallel", 6): 30.5,
+    ("sharegpt", "beam", 2): 44.3, ("sharegpt", "beam", 6): 66.3,
 }
 PREFIXES = {"1-shot": 80, "5-shot": 341}
 PAPER_PREFIX_SPEEDUP = {"1-shot": "1.67x", "5-shot": "3.58x"}
@@ -83,57 +103,152 @@ def prefix_throughput(llm: LLM, vocab_size: int, prefix_len: int, num_requests: 
     return dict(seconds=seconds, requests_per_s=num_requests / seconds, hit_rate=hit_rate)
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a quarter of the requests (a smoke run)")
-    args = parser.parse_args(argv)
-    share = 4 if args.quick else 1
-    sizes = THROUGHPUT_GPU if jax.default_backend() == "gpu" else THROUGHPUT_CPU
-
-    rows, traces = [], []
+def saving_runs(requests: dict[str, int], widths) -> tuple[list[dict], list[str]]:
+    """Every workload x decoding x width, each on a fresh engine; and each workload's trace."""
+    runs, traces = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path, _ = random_llama_checkpoint(SAVING_MODEL, Path(tmp), "float32")
-        for dataset in (ALPACA, SHAREGPT):
-            for kind in ("parallel", "beam"):
-                for width in (2, 4, 6):
-                    run = memory_saving(path, dataset, SAVING_REQUESTS[dataset.name] // share, kind, width)
-                    rows.append([dataset.name, "parallel sampling, n" if kind == "parallel" else "beam search, width",
-                                 width, f"{100 * run['saving']:.1f}", PAPER_SAVING.get((dataset.name, kind, width), "-"),
-                                 run["copied"], f"{run['seconds']:.1f}"])
-                    print(rows[-1], flush=True)
-            traces.append(describe(dataset, run["requests"]))
+        for name, num_requests in requests.items():
+            for kind in KINDS:
+                for width in widths:
+                    run = memory_saving(path, DATASETS[name], num_requests, kind, width)
+                    runs.append(dict(workload=name, kind=kind, width=width, saving_pct=100 * run["saving"],
+                                     copied=run["copied"], seconds=run["seconds"]))
+                    print(runs[-1], flush=True)
+            traces.append(describe(DATASETS[name], run["requests"]))
+    return runs, traces
 
-    prefix_rows = []
-    num_prefix_requests = 64 // share
+
+def prefix_runs(engine: dict, num_requests: int) -> tuple[list[dict], int]:
+    """Each prefix's throughput with prefix caching off and on; and the model's parameter count."""
     with tempfile.TemporaryDirectory() as tmp:
-        path, num_params = random_llama_checkpoint(sizes["model"], Path(tmp), sizes["dtype"])
+        path, num_params = random_llama_checkpoint(engine["model"], Path(tmp), engine["dtype"])
         runs = {}
         for caching in (False, True):
-            llm = LLM(str(path), max_model_len=sizes["max_model_len"], max_num_seqs=sizes["max_num_seqs"], seed=0,
-                      enable_prefix_caching=caching)
-            runs[caching] = {name: prefix_throughput(llm, sizes["model"]["vocab_size"], length, num_prefix_requests)
+            llm = LLM(str(path), seed=0, enable_prefix_caching=caching, **engine["llm"])
+            runs[caching] = {name: prefix_throughput(llm, engine["model"]["vocab_size"], length, num_requests)
                              for name, length in PREFIXES.items()}
-        for name, length in PREFIXES.items():
-            off, on = runs[False][name], runs[True][name]
-            prefix_rows.append([f"{name} ({length} tokens)", f"{off['requests_per_s']:.2f}",
-                                f"{on['requests_per_s']:.2f}", f"**{off['seconds'] / on['seconds']:.2f}x**",
-                                PAPER_PREFIX_SPEEDUP[name], f"{100 * on['hit_rate']:.1f}"])
+    return [dict(prefix=name, tokens=length, off=runs[False][name], on=runs[True][name])
+            for name, length in PREFIXES.items()], num_params
 
-    body = (
+
+def prefix_engine(size: str) -> dict:
+    """The size's own engine, or the throughput benchmark's for this device (whose model is
+    big enough that prefill, which the cache saves, costs what it does in serving)."""
+    own = SIZES[size]["prefix_engine"]
+    if own is not None:
+        return own
+    sizes = THROUGHPUT_GPU if jax.default_backend() == "gpu" else THROUGHPUT_CPU
+    return dict(model=sizes["model"], dtype=sizes["dtype"],
+                llm=dict(max_model_len=sizes["max_model_len"], max_num_seqs=sizes["max_num_seqs"]))
+
+
+def measure(size: str = "quick") -> dict:
+    params = SIZES[size]
+    engine = prefix_engine(size)
+    saving, traces = saving_runs(params["requests"], params["widths"])
+    prefix, num_params = prefix_runs(engine, params["prefix_requests"])
+    return dict(machine=device_kind(), size=size, saving_model=SAVING_MODEL, saving_requests=params["requests"],
+                widths=list(params["widths"]), traces=traces, saving=saving,
+                prefix_engine=engine, prefix_model_params=num_params, prefix_requests=params["prefix_requests"],
+                prefix=prefix)
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def _speedup(run: dict) -> float:
+    return run["off"]["seconds"] / run["on"]["seconds"]
+
+
+def table(data: dict) -> str:
+    model, engine = data["saving_model"], data["prefix_engine"]
+    rows = [[r["workload"], f"{KINDS[r['kind']]}, {WIDTH_NAMES[r['kind']]}", r["width"], f"{r['saving_pct']:.1f}",
+             f"{PAPER_SAVING[(r['workload'], r['kind'], r['width'])]:g}"
+             if (r["workload"], r["kind"], r["width"]) in PAPER_SAVING else "-",
+             r["copied"], f"{r['seconds']:.1f}"] for r in data["saving"]]
+    prefix_rows = [[f"{r['prefix']} ({r['tokens']} tokens)", f"{r['off']['requests_per_s']:.2f}",
+                    f"{r['on']['requests_per_s']:.2f}", f"**{_speedup(r):.2f}x**",
+                    PAPER_PREFIX_SPEEDUP[r["prefix"]], f"{100 * r['on']['hit_rate']:.1f}"] for r in data["prefix"]]
+    return (
         "## Memory saving (Fig. 15)\n\n"
-        f"Random Llama, {SAVING_MODEL['num_hidden_layers']} layers, hidden {SAVING_MODEL['hidden_size']}, "
-        f"vocabulary {SAVING_MODEL['vocab_size']}; block size 16; ignore_eos.\n"
-        + "".join(f"\n- {t}" for t in traces) + "\n\n"
+        f"Random Llama, {model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
+        f"vocabulary {model['vocab_size']}; block size 16; ignore_eos.\n"
+        + "".join(f"\n- {t}" for t in data["traces"]) + "\n\n"
         + markdown_table(["workload", "decoding", "n / width", "saving %", "paper %", "blocks copied on write",
                           "seconds"], rows)
         + "\n\n## Shared prefix (Fig. 16)\n\n"
-        f"Random Llama-shaped model, {num_params / 1e6:.1f}M parameters, {sizes['dtype']}; {num_prefix_requests} "
-        "requests, prefix + a sentence of ~30 tokens, ~30 greedy output tokens each; warm-up not counted.\n\n"
+        f"Random Llama-shaped model, {data['prefix_model_params'] / 1e6:.1f}M parameters, {engine['dtype']}; "
+        f"{data['prefix_requests']} requests, prefix + a sentence of ~30 tokens, ~30 greedy output tokens each; "
+        "warm-up not counted.\n\n"
         + markdown_table(["prefix", "requests/s, no caching", "requests/s, prefix caching", "speed-up",
                           "paper (vs Orca Oracle)", "prompt tokens from cache %"], prefix_rows)
     )
-    report(f"sharing_{device_slug()}", "Memory sharing: parallel sampling, beam search, shared prefixes", body)
-    return body
+
+
+# -- the figure and the headline ----------------------------------------------------------------
+
+def _series(data: dict, workload: str, kind: str) -> list[dict]:
+    return [r for r in data["saving"] if (r["workload"], r["kind"]) == (workload, kind)]
+
+
+def _paper_points(workload: str, kind: str) -> tuple[list[int], list[float]]:
+    widths = sorted(w for d, k, w in PAPER_SAVING if (d, k) == (workload, kind))
+    return widths, [PAPER_SAVING[(workload, kind, w)] for w in widths]
+
+
+def plot(data: dict):
+    """Like the paper's Fig. 15 (saving against n and beam width, ours solid, the paper's values
+    dashed in the same colour) beside Fig. 16 as throughput bars without / with prefix caching."""
+    fig, axes = new_figure(ncols=3)
+    for ax, kind in zip(axes, KINDS):
+        for colour, workload in enumerate(data["saving_requests"]):
+            runs = _series(data, workload, kind)
+            ax.plot([r["width"] for r in runs], [r["saving_pct"] for r in runs], "o-", color=f"C{colour}",
+                    label=f"{LABELS[workload]} (ours)")
+            ax.plot(*_paper_points(workload, kind), "s--", color=f"C{colour}", markerfacecolor="none",
+                    label=f"{LABELS[workload]} (paper)")
+        ax.set(xlabel=f"{KINDS[kind]} {WIDTH_NAMES[kind]}", ylabel="memory saving (%)", xticks=[2, 4, 6])
+        ax.set_title(f"Fig. 15: {KINDS[kind]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+
+    bars, positions = axes[2], np.arange(len(data["prefix"]))
+    for offset, (key, label) in zip((-0.2, 0.2), (("off", "no caching"), ("on", "prefix caching"))):
+        bars.bar(positions + offset, [r[key]["requests_per_s"] for r in data["prefix"]], 0.4, label=label)
+    for x, r in zip(positions, data["prefix"]):
+        bars.annotate(f"{_speedup(r):.2f}x", (x + 0.2, r["on"]["requests_per_s"]), ha="center", va="bottom")
+    bars.set_xticks(positions, [f"{r['prefix']} ({r['tokens']} tokens)" for r in data["prefix"]])
+    bars.set(ylabel="requests/s")
+    bars.margins(y=0.15)  # room for the speed-up labels
+    bars.set_title("Fig. 16: shared prefix", fontsize=9)
+    bars.legend(fontsize="small")
+    fig.suptitle(f"Memory sharing, {data['size']} run ({data['machine']})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _paper_range(workload: str, kind: str) -> str:
+    widths, values = _paper_points(workload, kind)
+    return (" / ".join(f"{v:g}" for v in values) if len(widths) == 3 else f"{values[0]:g}-{values[-1]:g}") + " %"
+
+
+def headline(data: dict) -> list[list[str]]:
+    rows = []
+    for workload in data["saving_requests"]:
+        for kind in KINDS:
+            runs = _series(data, workload, kind)
+            widths = "/".join(str(r["width"]) for r in runs)
+            rows.append(["Fig. 15", f"{KINDS[kind]} saving, {LABELS[workload]}, {WIDTH_NAMES[kind]}={widths}",
+                         _paper_range(workload, kind), " / ".join(f"{r['saving_pct']:.1f}" for r in runs) + " %"])
+    names = " / ".join(r["prefix"] for r in data["prefix"])
+    rows.append(["Fig. 16", f"shared prefix speed-up {names}",
+                 " / ".join(PAPER_PREFIX_SPEEDUP[r["prefix"]] for r in data["prefix"]) + " vs Orca (Oracle)",
+                 " / ".join(f"{_speedup(r):.2f}x" for r in data["prefix"]) + ", prefix caching on vs off"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return figure_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from experiments.common import device_slug, markdown_table, random_llama_checkpoint, report
 from experiments.workloads import SHAREGPT, describe, prompt_token_ids, sample_requests

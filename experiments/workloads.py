@@ -5,7 +5,8 @@ ShareGPT and Alpaca are described by their mean prompt / output lengths (161 / 3
 distributions whose location is calibrated so that, after vLLM's benchmark filters (prompt and
 output >= 4 tokens, prompt <= 1024, prompt + output <= 2048), the realised means hit those
 targets. Traces scale to a smaller model's context by shrinking every length by
-max_model_len / 2048. Arrivals are Poisson at a given rate, or gamma for burstiness.
+max_model_len / 2048. Arrivals are Poisson at a given rate, or gamma for burstiness. vLLM's
+"random" traces (fixed or uniform lengths) serve sweeps that need a controlled length.
 Everything is seeded.
 """
 
@@ -68,6 +69,24 @@ def sample_requests(dataset: Dataset, n: int, *, max_model_len: int = SHAREGPT_C
     scale = min(1.0, max_model_len / SHAREGPT_CONTEXT)
     prompt = np.maximum(1, np.floor(prompt[:n] * scale)).astype(int)
     output = np.maximum(1, np.floor(output[:n] * scale)).astype(int)
+    arrivals = arrival_times(n, rate, burstiness, rng)
+    return [Request(int(p), int(o), float(t)) for p, o, t in zip(prompt, output, arrivals)]
+
+
+def random_requests(n: int, input_len: int, output_len: int, *, range_ratio: float = 0.0, seed: int = 0,
+                    rate: float = float("inf"), burstiness: float = 1.0) -> list[Request]:
+    """vLLM's "random" benchmark trace: lengths drawn uniformly from len * [1 - range_ratio,
+    1 + range_ratio] (range_ratio 0: every request the same), for sweeps where the length
+    distribution should not vary."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
+    rng = np.random.default_rng(seed)
+
+    def lengths(mean: int) -> np.ndarray:
+        low, high = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
+        return rng.integers(low, high + 1, n)
+
+    prompt, output = lengths(input_len), lengths(output_len)
     arrivals = arrival_times(n, rate, burstiness, rng)
     return [Request(int(p), int(o), float(t)) for p, o, t in zip(prompt, output, arrivals)]
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from paged_jax import allocator
 from paged_jax.prefix_cache import ROOT, PrefixCache, block_name
-from paged_jax.sequence import Sequence
+from paged_jax.reservation import MemoryUsage, ReservingBlockManager, final_length
+from paged_jax.sequence import Sequence, SequenceGroup
 
 
 def _padded(blocks: list[int]) -> np.ndarray:
@@ -125,9 +126,39 @@ class BlockManager:
         """New blocks seq needs to hold num_tokens tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
+    def footprint(self, prompt_len: int, max_tokens: int, n: int) -> tuple[int, int]:
+        """(blocks a request of n sequences takes at its longest, the most one request can take)."""
+        return n * -(-(prompt_len + max_tokens) // self.block_size), self.num_blocks - self.watermark_blocks
+
     def can_admit(self, num_blocks: int) -> bool:
         """Admission keeps a watermark free, so running sequences can grow a while."""
         return self.num_free_blocks - num_blocks >= self.watermark_blocks
+
+    def admit(self, group: SequenceGroup, hits: list[list[int]], targets: list[int]) -> bool:
+        """A waiting request's sequences start from their cached prefixes (hits) and get the
+        blocks to hold targets[i] tokens, keeping the watermark free; or nothing changes and
+        the answer is False."""
+        need = sum(-(-tokens // self.block_size) - len(hit) for tokens, hit in zip(targets, hits))
+        if not self.can_admit(need + self.cost_of_hits(hits)):
+            return False
+        for seq, hit in zip(group.active, hits):
+            if hit:
+                self.use_cached(seq, hit)
+        assert self.grow(list(zip(group.active, targets)))
+        return True
+
+    def memory_usage(self, groups: list[SequenceGroup]) -> MemoryUsage:
+        """The cache's slots by what they hold, for the running requests (Fig. 2). Blocks are
+        counted as the tables name them: a shared block once per sequence."""
+        stored = reserved = internal = 0
+        for group in groups:
+            for seq in group.active:
+                slots = len(seq.block_table) * self.block_size
+                used = min(final_length(group), slots)  # slots its tokens will ever fill
+                stored += min(seq.num_computed_tokens, used)
+                reserved += used - min(seq.num_computed_tokens, used)
+                internal += slots - used
+        return MemoryUsage(stored, reserved, internal, 0, self.num_blocks * self.block_size)
 
     def unique_blocks(self, seqs: list[Sequence]) -> list[int]:
         return list(dict.fromkeys(b for seq in seqs for b in seq.block_table))
@@ -316,3 +347,12 @@ def _extra_references(held: list[int], mapping: dict[int, int]) -> list[int]:
             extra.append(mapping[b])
         seen.add(b)
     return extra
+
+
+def make_block_manager(memory_manager: str, num_blocks: int, block_size: int, max_model_len: int,
+                       **paged_options) -> BlockManager | ReservingBlockManager:
+    """The memory manager by name: "paged" (ours; paged_options are BlockManager's) or one of
+    the paper's Orca baselines, "orca-max" / "orca-pow2" / "orca-oracle"."""
+    if memory_manager == "paged":
+        return BlockManager(num_blocks, block_size, **paged_options)
+    return ReservingBlockManager(num_blocks, block_size, memory_manager.removeprefix("orca-"), max_model_len)

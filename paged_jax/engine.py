@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from paged_jax.beam_search import BeamSearch, BeamSearchParams, Continuation, check_beam_width
-from paged_jax.block_manager import BlockManager
+from paged_jax.block_manager import BlockManager, make_block_manager
 from paged_jax.cache import kv_cache_bytes_per_block
 from paged_jax.models import Model, load_model
 from paged_jax.outputs import Logprob, RequestMetrics, RequestOutput
+from paged_jax.reservation import POLICIES, MemoryUsage, kv_utilization
 from paged_jax.runner import ModelRunner, Sampled
 from paged_jax.sampling import SamplingParams, request_key
 from paged_jax.scheduler import Scheduler, SchedulerConfig
@@ -35,6 +35,8 @@ from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 CPU_KV_CACHE_BYTES = 1 << 30  # the cache budget where there is no accelerator memory to measure
 PREEMPTION_MODES = ("recompute", "swap")
+MEMORY_MANAGERS = ("paged",) + tuple(f"orca-{policy}" for policy in POLICIES)
+BATCHING = ("continuous", "static")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class EngineArgs:
     # against this; outputs are the same).
     enable_block_sharing: bool = True
     preemption_mode: str = "recompute"
+    # The paper's baselines run in this engine with only these two changed: "orca-max",
+    # "orca-pow2", "orca-oracle" reserve each request's KV contiguously (reservation.py);
+    # batching="static" admits a new batch only when the last is done.
+    memory_manager: str = "paged"
+    batching: str = "continuous"
     seed: int = 0
     attention_backend: str = "auto"
     # Decode steps per device loop when only decodes run. 8 measured best of 1 / 4 / 8 on a
@@ -77,6 +84,24 @@ class EngineArgs:
                 "num_gpu_blocks_override", "must be >= 1")
         require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", f"must be one of {PREEMPTION_MODES}")
         require(self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be >= 1")
+        require(self.memory_manager in MEMORY_MANAGERS, "memory_manager", f"must be one of {MEMORY_MANAGERS}")
+        require(self.batching in BATCHING, "batching", f"must be one of {BATCHING}")
+        require(self.memory_manager == "paged" or not (self.enable_prefix_caching or self.preemption_mode == "swap"),
+                "memory_manager", "reserves whole requests: no prefix caching, nothing to swap")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step computed, how long it took and what it left in the cache: the serving
+    figures and the simulator's cost model are made from these."""
+
+    num_requests: int
+    num_tokens: int  # tokens computed in each device step
+    num_context_tokens: int  # K/V tokens attention reads in each device step
+    num_steps: int  # device steps (decode loops run several)
+    seconds: float
+    memory: MemoryUsage  # the cache after the step
+    waiting: bool  # requests were left waiting
 
 
 class LLMEngine:
@@ -97,21 +122,22 @@ class LLMEngine:
         bytes_per_block = kv_cache_bytes_per_block(config, args.block_size, self.model.dtype)
         num_blocks = args.num_gpu_blocks_override or self._num_blocks(bytes_per_block)
         num_swap_blocks = int(args.swap_space * (1 << 30)) // bytes_per_block if args.preemption_mode == "swap" else 0
-        self.block_manager = BlockManager(num_blocks, args.block_size, num_swap_blocks,
-                                          enable_prefix_caching=args.enable_prefix_caching,
-                                          enable_block_sharing=args.enable_block_sharing)
-        self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, self.max_num_batched_tokens, args.preemption_mode), self.block_manager)
+        self.block_manager = make_block_manager(
+            args.memory_manager, num_blocks, args.block_size, self.max_model_len, num_swap_blocks=num_swap_blocks,
+            enable_prefix_caching=args.enable_prefix_caching, enable_block_sharing=args.enable_block_sharing)
+        self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, self.max_num_batched_tokens,
+                                                   args.preemption_mode, args.batching), self.block_manager)
         self.runner = ModelRunner(
             self.model, num_blocks=num_blocks, block_size=args.block_size, num_swap_blocks=num_swap_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
         if args.warm_up:
             self.runner.warm_up(args.num_scheduler_steps)
-            self.block_manager.device_pool.warm_up(self.runner.max_blocks_per_seq)
+            if isinstance(self.block_manager, BlockManager):
+                self.block_manager.device_pool.warm_up(self.runner.max_blocks_per_seq)
         self.groups: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
-        self._utilization = []  # tokens stored / slots allocated, per step
+        self.step_log: list[StepRecord] = []
         self._sharing = []  # (blocks the sequences' tables name, physical blocks they use), per step
         self._step_seconds = 0.0
 
@@ -155,8 +181,10 @@ class LLMEngine:
         if len(token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"request {request_id!r}: prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                              f"exceeds max_model_len {self.max_model_len}")
-        blocks = params.n * -(-(len(token_ids) + max_tokens) // self.args.block_size)
-        capacity = self.block_manager.num_blocks - self.block_manager.watermark_blocks
+        try:
+            blocks, capacity = self.block_manager.footprint(len(token_ids), max_tokens, params.n)
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from None
         if blocks > capacity:
             raise ValueError(f"request {request_id!r} needs {blocks} KV blocks at its longest, more than the "
                              f"whole cache holds ({capacity}); lower max_tokens or n, or raise the cache size")
@@ -166,7 +194,7 @@ class LLMEngine:
         # A beam search starts from one beam.
         seqs = [self._new_sequence(token_ids, params, i, born=i == 0) for i in range(1 if beam else params.n)]
         group = SequenceGroup(request_id, text, token_ids, params, seqs,
-                              RequestMetrics(arrival_time=arrival_time or time.time()), beam=beam)
+                              RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time), beam=beam)
         self.groups[request_id] = group
         self.scheduler.add(group)
 
@@ -213,7 +241,7 @@ class LLMEngine:
         start = time.perf_counter()
         out = self.scheduler.schedule()
         num_steps, limits = self._decode_steps(out)
-        self._record_utilization(out)
+        self._record_sharing()
         rows = out.sampler_rows()
         results = self.runner.execute(out, rows, num_steps, limits)
         now = time.time()
@@ -242,6 +270,7 @@ class LLMEngine:
             assert len(choices) == len(group.active), "the beams of a group sample together"
             self._beam_step(group, choices, now)
         self.block_manager.cache_full_blocks([c.seq for c in out.chunks])
+        memory = self.block_manager.memory_usage(self.scheduler.running)
         outputs = []
         for group in touched.values():
             if group.finished:
@@ -251,7 +280,12 @@ class LLMEngine:
             else:
                 self.scheduler.free_finished_seqs(group)
             outputs.append(group.output())
-        self._step_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._step_seconds += seconds
+        self.step_log.append(StepRecord(
+            num_requests=len({id(c.group) for c in out.chunks}), num_tokens=out.num_tokens,
+            num_context_tokens=sum(c.num_cached + c.num_new for c in out.chunks), num_steps=num_steps,
+            seconds=seconds, memory=memory, waiting=bool(self.scheduler.waiting)))
         return outputs
 
     def _beam_step(self, group: SequenceGroup, choices: list[tuple[Sequence, Sampled]], now: float) -> None:
@@ -348,15 +382,11 @@ class LLMEngine:
 
     # -- figures -----------------------------------------------------------------------------
 
-    def _record_utilization(self, out) -> None:
-        """Once a step is scheduled: tokens stored after it / slots the tables name (the
-        paper's Fig. 2 metric), and the blocks the tables name against the blocks in use (what
-        sharing saves)."""
-        seqs = [s for g in self.scheduler.running for s in g.active]
-        named = sum(len(s.block_table) for s in seqs)
-        if named:
-            stored = sum(min(s.num_computed_tokens, s.num_tokens) for s in seqs) + out.num_tokens
-            self._utilization.append(stored / (named * self.args.block_size))
+    def _record_sharing(self) -> None:
+        """Once a step is scheduled: the blocks the tables name against the blocks in use
+        (what sharing saves)."""
+        named = sum(len(s.block_table) for g in self.scheduler.running for s in g.active)
+        if named and isinstance(self.block_manager, BlockManager):  # a reservation's rounding is not sharing
             self._sharing.append((named, self.block_manager.num_blocks - self.block_manager.num_free_blocks))
 
     def stats(self) -> dict:
@@ -365,7 +395,8 @@ class LLMEngine:
             "num_free_blocks": self.block_manager.num_free_blocks,
             "block_size": self.args.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
-            "kv_utilization": float(np.mean(self._utilization)) if self._utilization else 0.0,
+            # Slots holding computed tokens / slots given to requests, over all steps (Fig. 2).
+            "kv_utilization": kv_utilization([r.memory for r in self.step_log]),
             "num_steps": self.runner.num_steps,
             "num_device_calls": self.runner.num_calls,
             "compiles_after_warmup": self.runner.compiles_after_warmup,

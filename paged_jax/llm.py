@@ -18,20 +18,10 @@ PromptType = str | dict
 class LLM:
     """`LLM("path/to/hf-checkpoint").generate(prompts, SamplingParams(...))`."""
 
-    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", block_size: int = 16,
-                 num_gpu_blocks_override: int | None = None, gpu_memory_utilization: float = 0.9,
-                 swap_space: float = 4, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = False,
-                 enable_block_sharing: bool = True, preemption_mode: str = "recompute", seed: int = 0, attention_backend: str = "auto",
-                 num_scheduler_steps: int = 8, warm_up: bool = True):
-        self.engine = LLMEngine(EngineArgs(
-            model=str(model), tokenizer=tokenizer, dtype=dtype, block_size=block_size,
-            num_gpu_blocks_override=num_gpu_blocks_override, gpu_memory_utilization=gpu_memory_utilization,
-            swap_space=swap_space, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-            enable_block_sharing=enable_block_sharing, preemption_mode=preemption_mode, seed=seed, attention_backend=attention_backend,
-            num_scheduler_steps=num_scheduler_steps, warm_up=warm_up,
-        ))
+    def __init__(self, model: str, **engine_args):
+        """engine_args: any field of EngineArgs (block_size, max_num_seqs, enable_prefix_caching,
+        memory_manager, ...), by keyword, as vLLM's LLM takes them."""
+        self.engine = LLMEngine(EngineArgs(model=str(model), **engine_args))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -24,7 +24,7 @@ import numpy as np
 
 from paged_jax.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
 from paged_jax.models import Model
-from paged_jax.sampling import MAX_LOGPROBS, SamplerFlags, SamplingBatch, request_key, sample
+from paged_jax.sampling import SamplerFlags, SamplingBatch, request_key, sample
 from paged_jax.scheduler import ScheduledChunk, SchedulerOutput
 from paged_jax.sequence import Sequence
 

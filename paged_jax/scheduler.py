@@ -11,6 +11,11 @@ order while the budgets and a watermark of free blocks allow; the first that doe
 stops admission (FCFS). With the prefix cache on, a waiting request starts after its
 longest cached prefix. A request with n > 1 runs one sequence until its prompt is computed,
 then forks (engine.py); it is counted as n sequences from admission on.
+
+The memory manager decides admission (`admit`): the paged BlockManager, or for the paper's
+baselines Orca's per-request reservations (reservation.py). With batching="static" a new batch
+is admitted only once the running one is done, the way FasterTransformer and Hugging Face
+`generate` serve.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from paged_jax.block_manager import BlockManager
+from paged_jax.reservation import ReservingBlockManager
 from paged_jax.sequence import Sequence, SequenceGroup, Status
 
 
@@ -28,6 +34,9 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     preemption_mode: str = "recompute"  # or "swap"
+    # "static": a new batch is admitted only when the last one is done (FasterTransformer and
+    # Hugging Face generate; the paper's baseline), instead of at every step.
+    batching: str = "continuous"
 
 
 @dataclass
@@ -74,7 +83,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | ReservingBlockManager):
         self.config = config
         self.blocks = block_manager
         self.waiting: deque[SequenceGroup] = deque()
@@ -126,7 +135,7 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if out.num_preempted == 0:
             budget = self._schedule_swapped(out, budget)
-        if out.num_preempted == 0 and not self.swapped:
+        if out.num_preempted == 0 and not self.swapped and (self.config.batching == "continuous" or not self.running):
             self._schedule_waiting(out, budget)
         out.copies = self.blocks.take_copies()
         return out
@@ -206,13 +215,8 @@ class Scheduler:
             plan = self._plan(group, budget, starts)
             if not self._fits(group, plan, in_use):
                 break
-            need = sum(-(-(start + n) // bs) - len(hit) for (_, n), start, hit in zip(plan, starts, hits))
-            if not self.blocks.can_admit(need + self.blocks.cost_of_hits(hits)):
+            if not self.blocks.admit(group, hits, [start + n for (_, n), start in zip(plan, starts)]):
                 break
-            for seq, hit in zip(group.active, hits):
-                if hit:
-                    self.blocks.use_cached(seq, hit)
-            assert self.blocks.grow([(s, s.num_computed_tokens + n) for s, n in plan])
             if group.num_cached_tokens is None:
                 group.num_cached_tokens = min(starts[0], len(group.prompt_token_ids))
                 self.num_prompt_tokens += len(group.prompt_token_ids)

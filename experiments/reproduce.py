@@ -1,0 +1,60 @@
+"""`make run`: the paper's figures end to end on the machine at hand, then one table with the
+paper's numbers next to ours.
+
+--quick (what `make run` does) takes about ten minutes on two CPU cores: Fig. 2 and 12-13 at
+the paper's scale in the simulator (our scheduler and memory managers, modelled step times),
+Fig. 12-13 by real execution at a small scale, and small runs of the sharing, block-size,
+preemption and kernel figures. --full runs every figure at its reference size (an hour or
+more on a CPU). On a GPU the modules pick their GPU sizes (bigger models, longer contexts).
+Each figure also writes its own table, data and plot to experiments/results/.
+
+Run `python -m experiments.reproduce [--quick | --full]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from experiments import block_size, kernel_bench, memory_waste, preemption, request_rate, sharing
+from experiments.common import markdown_table, report, result_name, run_figure
+
+# (module, options, size for --quick, size for --full), in the order the table lists them
+PLAN = [
+    (memory_waste, dict(simulate=True), "quick", "full"),
+    (request_rate, dict(simulate=True), "quick", "full"),
+    (request_rate, {}, "quick", "full"),
+    (sharing, {}, "tiny", "full"),
+    (block_size, {}, "tiny", "full"),
+    (preemption, {}, "quick", "full"),
+    (kernel_bench, {}, "tiny", "full"),
+]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the headline figures in about ten minutes (default)")
+    mode.add_argument("--full", action="store_true", help="every figure at its reference size")
+    args = parser.parse_args(argv)
+    rows, seconds = [], {}
+    for module, options, quick, full in PLAN:
+        size = full if args.full else quick
+        label = module.NAME + ("_simulated" if options.get("simulate") else "")
+        print(f"\n=== {label} ({size})", flush=True)
+        start = time.perf_counter()
+        data = run_figure(module, size, **options)
+        seconds[label] = time.perf_counter() - start
+        source = result_name(label, size, module.DEFAULT_SIZE)
+        for figure, quantity, paper, ours in module.headline(data):
+            rows.append([figure, quantity, paper, ours, f"{data.get('mode', 'real execution')}", f"{source}.md"])
+    body = (markdown_table(["figure", "quantity", "paper", "ours", "how", "details"], rows)
+            + "\n\nSeconds per figure: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+            + ". Sizes: " + ("full" if args.full else "quick") + " (see experiments/reproduce.py PLAN).")
+    report(result_name("reproduce", "full" if args.full else "quick", "quick"), "The paper's figures, side by side",
+           body)
+    return body
+
+
+if __name__ == "__main__":
+    main()

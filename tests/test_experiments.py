@@ -1,0 +1,97 @@
+"""The machinery behind the figures: traces match the paper's workload statistics, the
+simulator replays our real scheduler and memory managers (and reproduces the paper's memory
+picture at its scale), the cost model fits step times, and the sustainable-rate reading is
+the knee of a latency curve. The figure modules run end to end in test_notebooks.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.common import device_slug, result_name
+from experiments.request_rate import sustainable_rate
+from experiments.simulator import A100_OPT13B, CostModel, simulate
+from experiments.workloads import ALPACA, SHAREGPT, random_requests, sample_requests
+from paged_jax.engine import StepRecord
+from paged_jax.reservation import MemoryUsage
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", [SHAREGPT, ALPACA], ids=lambda d: d.name)
+def test_traces_have_the_papers_mean_lengths(dataset):
+    requests = sample_requests(dataset, 4000, seed=3)
+    prompt = np.mean([r.prompt_len for r in requests])
+    output = np.mean([r.output_len for r in requests])
+    assert prompt == pytest.approx(dataset.prompt_mean, rel=0.06)
+    assert output == pytest.approx(dataset.output_mean, rel=0.06)
+    assert all(r.prompt_len <= 1024 and r.prompt_len + r.output_len <= 2048 for r in requests)  # vLLM's filters
+
+
+def test_traces_scale_to_a_smaller_context_and_arrive_at_the_rate():
+    requests = sample_requests(SHAREGPT, 4000, max_model_len=256, seed=1, rate=5.0)
+    assert max(r.prompt_len + r.output_len for r in requests) <= 256
+    assert np.mean([r.output_len for r in requests]) == pytest.approx(SHAREGPT.output_mean / 8, rel=0.08)
+    assert len(requests) / requests[-1].arrival_time == pytest.approx(5.0, rel=0.05)
+
+
+def test_random_traces_are_uniform_around_the_lengths():
+    fixed = random_requests(50, 32, 8)
+    assert {(r.prompt_len, r.output_len) for r in fixed} == {(32, 8)}
+    spread = random_requests(2000, 100, 50, range_ratio=0.5, seed=4)
+    assert min(r.prompt_len for r in spread) == 50 and max(r.prompt_len for r in spread) == 150
+    assert np.mean([r.output_len for r in spread]) == pytest.approx(50, rel=0.05)
+    with pytest.raises(ValueError, match="range_ratio"):
+        random_requests(5, 10, 10, range_ratio=1.0)
+
+
+# -- the simulator -----------------------------------------------------------------------------
+
+
+def test_paper_scale_simulation_reproduces_the_memory_picture():
+    """At the paper's scale, with a queue always waiting, Orca Max keeps about a fifth of its
+    cache in token states and our paged manager nearly all of it (Fig. 2: 20.4 vs 96.3 %);
+    ours batches more requests and answers sooner."""
+    requests = sample_requests(SHAREGPT, 150, seed=1, rate=10.0)
+    ours, orca = simulate("paged-jax", requests), simulate("orca-max", requests)
+    assert orca.memory["token_states"] == pytest.approx(0.204, abs=0.05)
+    assert ours.memory["token_states"] > 0.9
+    assert sum(ours.memory.values()) == pytest.approx(1.0)
+    assert ours.mean_batch_size > 2 * orca.mean_batch_size
+    assert ours.normalized_latency < orca.normalized_latency
+
+
+def test_static_batching_answers_a_batch_together():
+    requests = random_requests(8, 64, 16, range_ratio=0.5, seed=2)  # all arrive at once
+    static, ours = simulate("static", requests), simulate("paged-jax", requests)
+    assert static.mean_latency > ours.mean_latency
+
+
+def test_cost_model_fit_recovers_known_step_times():
+    truth = CostModel(fixed=2e-3, per_token=5e-5, per_context_token=1e-7, source="truth")
+    rng = np.random.default_rng(0)
+    log = []
+    for _ in range(200):
+        tokens, context, steps = int(rng.integers(1, 512)), int(rng.integers(1, 20000)), int(rng.choice([1, 8]))
+        log.append(StepRecord(4, tokens, context, steps, steps * truth.seconds(tokens, context),
+                              MemoryUsage(0, 0, 0, 0, 1), False))
+    fitted = CostModel.fit(log, "fit")
+    assert fitted.fixed == pytest.approx(truth.fixed, rel=1e-6)
+    assert fitted.per_context_token == pytest.approx(truth.per_context_token, rel=1e-6)
+    assert fitted.relative_error(log) < 1e-6
+    assert A100_OPT13B.fixed == pytest.approx(0.0167, rel=0.01)  # reading 26 GB at 1.555 TB/s
+
+
+# -- reading the figures -----------------------------------------------------------------------
+
+
+def test_sustainable_rate_is_where_latency_crosses_the_limit():
+    rates = np.array([1.0, 2.0, 4.0, 8.0])
+    assert sustainable_rate(rates, np.array([1.0, 1.0, 4.0, 100.0]), 2.0) == (pytest.approx(2 * 2 ** 0.5), "")
+    assert sustainable_rate(rates, np.array([1.0, 1.0, 1.0, 1.5]), 2.0) == (8.0, ">")
+    assert sustainable_rate(rates, np.array([3.0, 4.0, 5.0, 6.0]), 2.0) == (1.0, "<")
+
+
+def test_smaller_sizes_keep_the_default_results_file():
+    assert result_name("sharing", "full", "full") == f"sharing_{device_slug()}"
+    assert result_name("sharing", "tiny", "full") == f"sharing_{device_slug()}_tiny"
