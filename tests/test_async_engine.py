@@ -1,0 +1,154 @@
+"""AsyncLLMEngine in-process: outputs equal the offline LLM's, concurrent clients share steps,
+abort frees blocks at once, and a step that raises fails its requests while the loop goes on.
+Every wait is bounded by asyncio.wait_for."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+from hf_checkpoints import save_tokenizer
+
+from paged_jax import LLM, SamplingParams
+from paged_jax.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
+
+SETTINGS = dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_gpu_blocks_override=128,
+                attention_backend="xla", warm_up=False)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["the quick brown fox", "a paged cache", "serving large language models", "keys and values"]
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama_async")
+    shutil.copytree(checkpoint("llama"), directory, dirs_exist_ok=True)
+    return save_tokenizer(directory)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    llm = LLM(str(model_dir), **SETTINGS)
+    return [o.outputs[0].text for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = AsyncLLMEngine(LLM(str(model_dir), **SETTINGS).engine)  # one for the module: it compiles once
+    yield engine
+    engine.shutdown()
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT))
+
+
+async def collect(engine, prompt, params, request_id):
+    outputs = [o async for o in engine.generate(prompt, params, request_id)]
+    return outputs
+
+
+def test_concurrent_clients_get_the_offline_outputs_and_share_steps(engine, reference):
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+
+    results = run(main())
+    assert [outputs[-1].outputs[0].text for outputs in results] == reference
+    for outputs in results:
+        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+        texts = [o.outputs[0].text for o in outputs]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative, growing
+    assert max(r.num_requests for r in engine.engine.step_log) > 1  # clients were batched together
+    assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+
+
+def test_abort_ends_the_stream_and_frees_blocks(engine):
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def main():
+        seen = []
+        async for output in engine.generate(PROMPTS[0], long, "victim"):
+            seen.append(output)
+            if len(output.outputs[0].token_ids) >= 2:
+                await engine.abort("victim")
+        other = await collect(engine, PROMPTS[1], GREEDY, "other")
+        return seen, other
+
+    seen, other = run(main())
+    assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
+    assert len(seen[-1].outputs[0].token_ids) < 100
+    assert other[-1].outputs[0].finish_reason == "length"
+    assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+    assert not engine.engine.has_unfinished_requests()
+
+
+def test_leaving_the_loop_early_aborts_the_request(engine):
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def main():
+        async for output in engine.generate(PROMPTS[0], long, "leaver"):
+            if output.outputs[0].token_ids:
+                break
+        for _ in range(200):  # the abort is applied between steps
+            if not engine.engine.has_unfinished_requests() and engine.snapshot.num_free_blocks == \
+                    engine.snapshot.num_blocks:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert run(main())
+
+
+def test_a_request_that_can_never_run_is_refused_alone(engine, reference):
+    async def main():
+        with pytest.raises(ValueError, match="max_model_len"):
+            await engine.add_request("too-long", PROMPTS[0], SamplingParams(max_tokens=10_000))
+        with pytest.raises(ValueError, match="already in use"):
+            first = await engine.add_request("dup", PROMPTS[0], GREEDY)
+            await engine.add_request("dup", PROMPTS[0], GREEDY)
+        return [o async for o in first]
+
+    outputs = run(main())
+    assert outputs[-1].outputs[0].text == reference[0]
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_loop_carries_on(engine, reference):
+    step = engine.engine.step
+    calls = {"n": 0}
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        return step()
+
+    engine.engine.step = failing_step
+
+    async def main():
+        try:
+            return await _main()
+        finally:
+            engine.engine.step = step
+
+    async def _main():
+        with pytest.raises(RequestFailedError, match="injected fault"):
+            await asyncio.gather(*(collect(engine, p, GREEDY, f"f{i}") for i, p in enumerate(PROMPTS[:2])))
+        return await collect(engine, PROMPTS[0], GREEDY, "after")
+
+    outputs = run(main())
+    assert outputs[-1].outputs[0].text == reference[0]
+    assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+    assert engine.is_running
+
+
+def test_after_shutdown_requests_are_refused(model_dir):
+    engine = AsyncLLMEngine(LLM(str(model_dir), **SETTINGS).engine)
+    engine.shutdown()
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", PROMPTS[0], GREEDY)
+
+    run(main())
+    assert not engine.is_running
