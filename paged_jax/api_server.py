@@ -251,6 +251,7 @@ class OpenAIServing:
         self.tokenizer: Tokenizer | None = engine.engine.tokenizer
         self.max_model_len: int = engine.engine.max_model_len
         self.vocab_size: int = engine.engine.model.config.vocab_size
+        self.max_num_seqs: int = min(engine.engine.args.max_num_seqs, engine.engine.max_num_batched_tokens)
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class OpenAIServing:
         if 0 < temperature < MIN_TEMPERATURE:  # as vLLM: logits / 1e-30 overflow to inf
             temperature = MIN_TEMPERATURE
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=body.n, temperature=temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                 min_p=body.min_p or 0.0, seed=body.seed, presence_penalty=body.presence_penalty,
@@ -287,6 +288,10 @@ class OpenAIServing:
             param = renames.get(name, name)
             message = str(error).replace(f"SamplingParams.{name}", param) if name else str(error)
             raise APIError(400, message, param) from None
+        if params.n > self.max_num_seqs:
+            raise APIError(400, f"n must be at most {self.max_num_seqs} (the sequences a step can hold), "
+                                f"got {params.n}", "n")
+        return params
 
     def check_prompt(self, prompt: _Prompt, params: SamplingParams, index: int | None) -> None:
         where = "prompt" if index is None else f"prompt.{index}"
@@ -434,7 +439,10 @@ class OpenAIServing:
             piece = sampled.decoded_token if sampled and sampled.decoded_token is not None else self._token_text(token)
             result.tokens.append(piece)
             result.token_logprobs.append(sampled.logprob if sampled else None)
-            result.top_logprobs.append({_decoded(t, lp, self): lp.logprob for t, lp in _ranked(entry, num, token)})
+            top: dict[str, float] = {}
+            for t, lp in _ranked(entry, num, token):  # two tokens with one text: the likelier shows
+                top.setdefault(_decoded(t, lp, self), lp.logprob)
+            result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(piece)
         return result
