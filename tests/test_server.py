@@ -51,7 +51,7 @@ def model_dir(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(model_dir, tmp_path_factory):
     args = [str(model_dir), "--served-model-name", NAME, "--chat-template", str(model_dir / "template.jinja"),
-            "--max-body-size", str(MAX_BODY), "--uvicorn-log-level", "warning", "--no-background-compile",
+            "--max-body-size", str(MAX_BODY), "--uvicorn-log-level", "warning",
             *_flags(ENGINE)]
     log = tmp_path_factory.mktemp("server_log") / "server.log"
     with running_server(args, log, env={"PAGED_JAX_API_KEY": KEY}) as base_url:
