@@ -16,15 +16,6 @@ from typing import Callable
 import jax
 
 RESULTS = Path(__file__).parent / "results"
-COMPILATION_CACHE = Path(__file__).parent / ".jax_cache"
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled programs on disk: every engine of a sweep compiles the same step
-    functions, and the second one loads them in seconds instead of compiling for a minute."""
-    jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def device_kind() -> str:

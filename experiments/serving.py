@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.common import enable_compilation_cache, random_llama_checkpoint
+from experiments.common import random_llama_checkpoint
 from experiments.workloads import Request, prompt_token_ids
 from paged_jax.engine import EngineArgs, LLMEngine, StepRecord
 from paged_jax.reservation import kv_utilization
@@ -82,11 +82,11 @@ def default_setup() -> Setup:
 
 
 def make_engine(system: str, setup: Setup, **overrides) -> LLMEngine:
-    """The system's engine, warmed up (compiles come from the on-disk cache after the first)."""
-    enable_compilation_cache()
+    """The system's engine, every step shape compiled before it serves a timed trace (they
+    come from the persistent compilation cache after the first engine)."""
     args = dict(model=setup.model, max_model_len=setup.max_model_len, block_size=setup.block_size,
                 num_gpu_blocks_override=setup.num_blocks, max_num_seqs=setup.max_num_seqs,
-                max_num_batched_tokens=setup.max_num_batched_tokens, seed=0)
+                max_num_batched_tokens=setup.max_num_batched_tokens, seed=0, background_compile=False)
     return LLMEngine(EngineArgs(**{**args, **SYSTEMS[system], **overrides}))
 
 

@@ -125,7 +125,7 @@ def prefix_runs(engine: dict, num_requests: int) -> tuple[list[dict], int]:
         path, num_params = random_llama_checkpoint(engine["model"], Path(tmp), engine["dtype"])
         runs = {}
         for caching in (False, True):
-            llm = LLM(str(path), seed=0, enable_prefix_caching=caching, **engine["llm"])
+            llm = LLM(str(path), seed=0, enable_prefix_caching=caching, background_compile=False, **engine["llm"])
             runs[caching] = {name: prefix_throughput(llm, engine["model"]["vocab_size"], length, num_requests)
                              for name, length in PREFIXES.items()}
     return [dict(prefix=name, tokens=length, off=runs[False][name], on=runs[True][name])

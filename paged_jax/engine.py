@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from paged_jax.beam_search import BeamSearch, BeamSearchParams, Continuation, check_beam_width
 from paged_jax.block_manager import BlockManager, make_block_manager
 from paged_jax.cache import kv_cache_bytes_per_block
+from paged_jax.compilation import configure_persistent_cache
+from paged_jax.logger import configure as configure_logging
 from paged_jax.models import Model, load_model
 from paged_jax.outputs import Logprob, RequestMetrics, RequestOutput
 from paged_jax.reservation import POLICIES, MemoryUsage, kv_utilization
@@ -33,6 +37,7 @@ from paged_jax.scheduler import Scheduler, SchedulerConfig
 from paged_jax.sequence import Sequence, SequenceGroup
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
+logger = logging.getLogger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # the cache budget where there is no accelerator memory to measure
 PREEMPTION_MODES = ("recompute", "swap")
 MEMORY_MANAGERS = ("paged",) + tuple(f"orca-{policy}" for policy in POLICIES)
@@ -66,7 +71,13 @@ class EngineArgs:
     # Decode steps per device loop when only decodes run. 8 measured best of 1 / 4 / 8 on a
     # 2-core CPU (experiments/throughput.py --scheduler-steps 1 4 8): 1.35x the throughput of 1.
     num_scheduler_steps: int = 8
+    # Compile the step shapes at start-up (else on first use). With background_compile only
+    # the largest of each kind is compiled before serving, the rest on a background thread
+    # (steps pad to a ready shape meanwhile); False waits for all of them (steady-state
+    # benchmarks). compilation_cache: JAX's persistent cache (paged_jax/compilation.py).
     warm_up: bool = True
+    background_compile: bool = True
+    compilation_cache: bool = True
 
     def validate(self) -> None:
         def require(ok: bool, name: str, rule: str):
@@ -107,7 +118,10 @@ class StepRecord:
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         args.validate()
+        configure_logging()
+        start = time.perf_counter()
         self.args = args
+        cache_dir = configure_persistent_cache(args.compilation_cache)
         self.model: Model = load_model(args.model, dtype=args.dtype, attention_backend=args.attention_backend)
         config = self.model.config
         tokenizer_dir = Path(args.tokenizer or args.model)
@@ -131,10 +145,21 @@ class LLMEngine:
             self.model, num_blocks=num_blocks, block_size=args.block_size, num_swap_blocks=num_swap_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        logger.info("%s: %s %s, %s attention, max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d",
+                    args.model, config.architecture, jnp.dtype(self.model.dtype).name,
+                    self.model.module.backend.name, self.max_model_len, args.max_num_seqs, self.max_num_batched_tokens)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), %s memory manager", num_blocks,
+                    args.block_size, num_blocks * args.block_size, num_blocks * bytes_per_block / 2**20,
+                    args.memory_manager)
         if args.warm_up:
-            self.runner.warm_up(args.num_scheduler_steps)
+            self.runner.warm_up(args.num_scheduler_steps, background=args.background_compile)
             if isinstance(self.block_manager, BlockManager):
                 self.block_manager.device_pool.warm_up(self.runner.max_blocks_per_seq)
+        self.start_up_seconds = time.perf_counter() - start
+        compiled = self.runner.executables.stats
+        logger.info("ready in %.1f s: %d step shapes built (%d from the compilation cache%s), %d more compiling "
+                    "in the background", self.start_up_seconds, compiled.compiled, compiled.from_cache,
+                    f" {cache_dir}" if cache_dir else ", which is off", self.runner.executables.pending)
         self.groups: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
         self.step_log: list[StepRecord] = []
@@ -244,11 +269,13 @@ class LLMEngine:
         self._record_sharing()
         rows = out.sampler_rows()
         results = self.runner.execute(out, rows, num_steps, limits)
+        num_steps = len(results[0]) if results else 1  # a decode loop not compiled yet runs one step
         now = time.time()
         touched: dict[str, SequenceGroup] = {}
         for i, chunk in enumerate(out.chunks):
             # A decode loop writes K/V up to each row's limit (tokens past it are dropped).
-            chunk.seq.num_computed_tokens = limits[i] if limits else chunk.num_cached + chunk.num_new
+            chunk.seq.num_computed_tokens = min(limits[i], chunk.num_cached + num_steps) if limits \
+                else chunk.num_cached + chunk.num_new
             chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or now
         for _, chunk, seq in rows:
             if seq is not chunk.seq:  # the prompt is computed: its sibling forks from it
@@ -411,7 +438,18 @@ class LLMEngine:
             # Share of step time the host spent not waiting for the device (scheduling,
             # metadata, dispatch, detokenisation): what a faster device could not remove.
             "host_overhead": 1 - self.runner.device_wait / self._step_seconds if self._step_seconds else 0.0,
+            # Start-up: seconds until the engine could serve, step shapes built (and loaded
+            # from the persistent compilation cache), shapes still compiling in the background.
+            "start_up_seconds": self.start_up_seconds,
+            "executables_built": self.runner.executables.stats.compiled,
+            "executables_from_cache": self.runner.executables.stats.from_cache,
+            "executables_pending": self.runner.executables.pending,
         }
+
+    def wait_for_compiles(self, timeout: float | None = None) -> bool:
+        """Block until the background compile thread is done (every step shape ready): what
+        a benchmark of steady-state speed waits for. False on timeout."""
+        return self.runner.executables.wait(timeout)
 
 
 def _mix(a: int, b: int) -> int:

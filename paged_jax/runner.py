@@ -12,6 +12,7 @@ blocks live in host memory (numpy), one array per layer and K/V.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -22,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tqdm import tqdm
+
 from paged_jax.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.compilation import Executables
 from paged_jax.models import Model
 from paged_jax.sampling import SamplerFlags, SamplingBatch, request_key, sample
 from paged_jax.scheduler import ScheduledChunk, SchedulerOutput
@@ -78,7 +82,8 @@ class ModelRunner:
         self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
         self.mixed_buckets = [Bucket(t, min(t, max_num_seqs), False)
                               for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)]
-        self.executables: dict = {}  # Bucket (one step) or (Bucket, steps, flags) (decode loop)
+        # Bucket (one step) or (Bucket, steps, flags) (decode loop) -> executable
+        self.executables = Executables()
         self._decode_loop = jax.jit(functools.partial(_decode_loop, model.module, block_size),
                                     static_argnames=("num_steps", "flags"), donate_argnums=(3,))
         self.warmed_up = False
@@ -92,28 +97,26 @@ class ModelRunner:
 
     # -- shapes ------------------------------------------------------------------------------
 
-    def bucket_for(self, num_tokens: int, num_seqs: int, decode: bool) -> Bucket:
-        if decode:
-            return next(b for b in self.decode_buckets if b.num_seqs >= num_seqs)
-        return next(b for b in self.mixed_buckets if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs)
+    def _fitting(self, num_tokens: int, num_seqs: int, decode: bool) -> list[Bucket]:
+        buckets = self.decode_buckets if decode else self.mixed_buckets
+        return [b for b in buckets if b.num_seqs >= num_seqs and (decode or b.num_tokens >= num_tokens)]
 
-    def _executable(self, bucket: Bucket, args):
-        return self._compiled(bucket, lambda: self.model.forward.lower(*args), warmed=True)
+    def bucket_for(self, num_tokens: int, num_seqs: int, decode: bool, key=lambda bucket: bucket) -> Bucket:
+        """The smallest bucket that fits and whose executable (key(bucket)) is ready; the
+        smallest that fits when none is ready (then it compiles now: without warm-up only)."""
+        fitting = self._fitting(num_tokens, num_seqs, decode)
+        return next((b for b in fitting if key(b) in self.executables), fitting[0])
 
-    def _loop_executable(self, bucket: Bucket, num_steps: int, flags: SamplerFlags, args):
-        """The decode loop; warm-up compiles its plain-sampling variant for every decode shape,
-        the rarer sampler variants (top-k/p, logprobs) compile on first use."""
-        lower = lambda: self._decode_loop.lower(*args, num_steps=num_steps, flags=flags)  # noqa: E731
-        return self._compiled((bucket, num_steps, flags), lower, warmed=flags == LOOP_FLAGS)
-
-    def _compiled(self, key, lower, *, warmed: bool):
-        """Compile once per key; a key warm-up should have covered is an error when missing."""
-        if key not in self.executables:
-            if self.warmed_up and warmed:
+    def _executable(self, key):
+        """The executable for key; building it here is a compile on the serving path, which
+        after warm-up means the warm-up set is incomplete (a bug, counted and logged)."""
+        executable = self.executables.get(key)
+        if executable is None:
+            if self.warmed_up:
                 self.compiles_after_warmup += 1
                 logger.error("compiling step %s after warm-up; the warm-up set is incomplete", key)
-            self.executables[key] = lower().compile()
-        return self.executables[key]
+            executable = self.executables.build(*self._task(key))
+        return executable
 
     def _inputs(self, chunks: list[SequenceChunk], tokens: np.ndarray, bucket: Bucket):
         positions, meta = build_metadata(
@@ -124,22 +127,50 @@ class ModelRunner:
         padded[: len(tokens)] = tokens
         return padded, positions, meta
 
-    def warm_up(self, num_scheduler_steps: int = 1) -> None:
-        """Compile every step shape and the common sampler variants before serving (and the
-        multi-step decode loop for every decode shape when it will be used)."""
-        dummy = [SequenceChunk([0], 0, 1)]
-        common = (SamplerFlags(False, False, False, False), LOOP_FLAGS)
-        for bucket in self.decode_buckets + self.mixed_buckets:
-            tokens, positions, meta = self._inputs(dummy, np.zeros(1, np.int32), bucket)
-            self._executable(bucket, (self.model.params, tokens, positions, self.kv_cache, meta))
+    def _task(self, key):
+        return self._step_task(key) if isinstance(key, Bucket) else self._loop_task(*key)
+
+    def _step_task(self, bucket: Bucket):
+        """How to build a bucket's step: compile the forward pass (from abstract arguments, so
+        a background thread never touches the live cache) and warm the common samplers."""
+        tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
+        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta)
+        forward, vocab = self.model.forward, self.model.config.vocab_size
+
+        def make():
             batch = SamplingBatch(**_empty_batch(bucket.num_seqs))
-            for flags in common:
-                logits = jnp.zeros((bucket.num_seqs, self.model.config.vocab_size), jnp.float32)
+            logits = jnp.zeros((bucket.num_seqs, vocab), jnp.float32)
+            for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
                 sample(logits, batch, flags).tokens.block_until_ready()
+            return forward.lower(*args).compile()
+
+        return bucket, make
+
+    def _loop_task(self, bucket: Bucket, num_steps: int, flags: SamplerFlags):
+        tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
+        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta,
+                SamplingBatch(**_empty_batch(bucket.num_seqs)), np.zeros(bucket.num_seqs, np.int32))
+        loop = self._decode_loop
+        return (bucket, num_steps, flags), lambda: loop.lower(*args, num_steps=num_steps, flags=flags).compile()
+
+    def warm_up(self, num_scheduler_steps: int = 1, background: bool = True) -> None:
+        """Make every step shape ready before it is needed: the largest bucket of each kind
+        now (with it every step can run, padded), the others now too or, with background,
+        on the compile thread while serving (smallest first). The decode loop's plain-sampling
+        variant is part of the set when it will be used; its rarer variants (top-k/p,
+        logprobs) are queued the first time a step wants them."""
+        tasks = []
+        for bucket in sorted(self.decode_buckets + self.mixed_buckets, key=lambda b: (b.num_tokens, not b.decode)):
+            tasks.append(self._step_task(bucket))
             if bucket.decode and num_scheduler_steps > 1:
-                limit = np.zeros(bucket.num_seqs, np.int32)
-                self._loop_executable(bucket, num_scheduler_steps, LOOP_FLAGS,
-                                      (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit))
+                tasks.append(self._loop_task(bucket, num_scheduler_steps, LOOP_FLAGS))
+        covering = {self.decode_buckets[-1], self.mixed_buckets[-1]}
+        now = [t for t in tasks if _bucket_of(t[0]) in covering] if background else tasks
+        for key, make in tqdm(now, desc="compiling step shapes", unit="shape", leave=False,
+                              disable=not logger.isEnabledFor(logging.INFO)):
+            self.executables.build(key, make)
+        if background:
+            self.executables.queue([t for t in tasks if _bucket_of(t[0]) not in covering])
         self.warmed_up = True
 
     # -- one step ----------------------------------------------------------------------------
@@ -148,9 +179,10 @@ class ModelRunner:
                 limits: list[int] | None = None) -> list[list[Sampled]]:
         """Run the step: block moves first (swap out, swap in, copy-on-write copies), then the
         model. Returns, for each of rows (out.sampler_rows()), the tokens it sampled. num_steps > 1
-        (decode-only steps) decodes that many tokens in one device loop; limits[i] is the number
+        (decode-only steps) asks for that many tokens in one device loop; limits[i] is the number
         of tokens chunk i's blocks hold, past which its row writes nothing (its extra tokens
-        are dropped)."""
+        are dropped). A loop variant not compiled yet is queued and this step runs one token:
+        every row's list then holds one."""
         if out.swap_out:
             self._swap_out(out.swap_out)
             self.num_swapped_out += len(out.swap_out)
@@ -164,14 +196,24 @@ class ModelRunner:
         if not out.chunks:
             return []
         chunks = out.chunks
+        # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
+        # then the rows are packed and take their chunk's logits by index.
+        fan_out = len(rows) > sum(c.samples for c in chunks)
+        flags = _sampler_flags(rows) if rows else None
         bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
+        if num_steps > 1:
+            assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
+            flags = flags._replace(sample=True)  # greedy rows are handled too: one loop variant fewer
+            loop_key = lambda b: (b, num_steps, flags)  # noqa: E731
+            bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=loop_key)
+            if loop_key(bucket) not in self.executables and self.warmed_up and flags != LOOP_FLAGS:
+                smallest = self._fitting(0, len(chunks), True)[0]
+                self.executables.queue([self._loop_task(smallest, num_steps, flags)])
+                return self.execute(dataclasses.replace(out, swap_in=[], swap_out=[], copies=[]), rows)
         tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
                                                            for c in chunks), np.int32, count=out.num_tokens)
         tokens, positions, meta = self._inputs(
             [SequenceChunk(c.seq.block_table, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
-        # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
-        # then the rows are packed and take their chunk's logits by index.
-        fan_out = len(rows) > sum(c.samples for c in chunks)
         if fan_out:
             num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
             logit_rows = np.zeros(num_rows, np.int32)
@@ -180,17 +222,15 @@ class ModelRunner:
         else:
             num_rows = bucket.num_seqs
             placed = [(i, (c, seq)) for i, c, seq in rows]
-        batch, flags = self._sampling_batch(placed, num_rows) if rows else (None, None)
+        batch = self._sampling_batch(placed, num_rows, flags) if rows else None
         if num_steps > 1:
-            assert bucket.decode and len(rows) == len(chunks) and not fan_out and not flags.adjust
-            flags = flags._replace(sample=True)  # greedy rows are handled too: one loop variant fewer
             limit = np.zeros(bucket.num_seqs, np.int32)
             limit[: len(limits)] = limits
             args = (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit)
-            sampled, self.kv_cache = self._loop_executable(bucket, num_steps, flags, args)(*args)
+            sampled, self.kv_cache = self._executable((bucket, num_steps, flags))(*args)
         else:
             args = (self.model.params, tokens, positions, self.kv_cache, meta)
-            logits, self.kv_cache = self._executable(bucket, args)(*args)
+            logits, self.kv_cache = self._executable(bucket)(*args)
             if not rows:
                 self.num_steps += 1
                 self.num_calls += 1
@@ -214,8 +254,8 @@ class ModelRunner:
             for step in range(result.tokens.shape[0])
         ]
 
-    def _sampling_batch(self, placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]],
-                        num_rows: int) -> tuple[SamplingBatch, SamplerFlags]:
+    def _sampling_batch(self, placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]], num_rows: int,
+                        flags: SamplerFlags) -> SamplingBatch:
         """Sampling inputs with (row, (chunk, sequence)) placed at each row."""
         b = _empty_batch(num_rows)
         banned_rows, history_rows = {}, {}
@@ -230,14 +270,6 @@ class ModelRunner:
                 history_rows[i] = seq
             if len(seq.output_token_ids) < p.min_tokens:
                 banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
-        sampling = [chunk for _, (chunk, _) in placed]
-        flags = SamplerFlags(
-            sample=any(not c.group.params.greedy for c in sampling),
-            filter=any(not c.group.params.greedy and (c.group.params.top_k > 0 or c.group.params.top_p < 1)
-                       for c in sampling),
-            adjust=bool(history_rows or banned_rows),
-            logprobs=any(c.group.params.logprobs is not None for c in sampling),
-        )
         if flags.adjust:
             b["history"] = np.full((num_rows, self.max_model_len), -1, np.int32)
             for i, seq in history_rows.items():
@@ -249,7 +281,7 @@ class ModelRunner:
             b["banned"] = np.full((num_rows, width), -1, np.int32)
             for i, ids in banned_rows.items():
                 b["banned"][i, : len(ids)] = ids
-        return SamplingBatch(**b), flags
+        return SamplingBatch(**b)
 
     # -- swapping ----------------------------------------------------------------------------
 
@@ -266,6 +298,17 @@ class ModelRunner:
         pages = tuple((_pad_rows(k[:, host_blocks], len(padded)), _pad_rows(v[:, host_blocks], len(padded)))
                       for k, v in self.swap_space)
         self.kv_cache = _scatter_blocks(self.kv_cache, jnp.asarray(padded), pages)
+
+
+def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerFlags:
+    """The sampler features a step's rows need (see SamplerFlags)."""
+    params = [(c.group.params, seq) for _, c, seq in rows]
+    return SamplerFlags(
+        sample=any(not p.greedy for p, _ in params),
+        filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p, _ in params),
+        adjust=any(p.penalised or len(seq.output_token_ids) < p.min_tokens for p, seq in params),
+        logprobs=any(p.logprobs is not None for p, _ in params),
+    )
 
 
 def _decode_loop(module, block_size, params, tokens, positions, kv_cache, meta: AttentionMetadata,
@@ -301,6 +344,14 @@ def _empty_batch(num_rows: int) -> dict[str, np.ndarray]:
         repetition=np.ones(num_rows, np.float32), history=np.full((num_rows, 1), -1, np.int32),
         output_start=np.zeros(num_rows, np.int32), banned=np.full((num_rows, 1), -1, np.int32),
     )
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _bucket_of(key) -> Bucket:
+    return key if isinstance(key, Bucket) else key[0]
 
 
 def _pad_ids(ids: np.ndarray) -> np.ndarray:

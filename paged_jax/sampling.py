@@ -163,6 +163,15 @@ def _filter(logits, batch: SamplingBatch):
     return jnp.where((logits >= kth) & (logits >= cutoff), logits, -jnp.inf)
 
 
+def _argmax(logits):
+    """The first index of each row's maximum: jnp.argmax's answer from two plain reductions,
+    which a CPU vectorises (a value-and-index reduction it does not: 3x slower over a
+    vocabulary)."""
+    top = logits.max(axis=1, keepdims=True)
+    index = jnp.arange(logits.shape[1], dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(logits == top, index, logits.shape[1]), axis=1), logits.shape[1] - 1)
+
+
 def _inverse_cdf(weights, batch: SamplingBatch, width: int = 128):
     """Draw a token per row with probability proportional to its weight (float32[S, V] >= 0).
 
@@ -189,7 +198,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> Samp
     raw = logits
     if flags.adjust:
         logits = _adjust(logits, batch)
-    tokens = jnp.argmax(logits, axis=1).astype(jnp.int32)
+    tokens = _argmax(logits)
     if flags.sample:
         temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
         scaled = logits / temperature

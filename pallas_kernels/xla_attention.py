@@ -30,6 +30,12 @@ from pallas_kernels.tiling import (
 )
 
 CHUNK_TOKENS = 32  # measured on a 2-core CPU: 16-64 similar, 128 is 2-4x slower (cache misses)
+# Tiles are sorted by context length and cut into this many groups, each looping only to its
+# own longest (a batch of 48 decodes with ShareGPT-like lengths: 2.3x faster attention than
+# one group; lengths all alike: 1.2x slower, from the extra loops). Measured on a 2-core CPU
+# with 2, 4 and 8 groups; small calls keep one group.
+LENGTH_GROUPS = 4
+MIN_TILES_TO_GROUP = 16
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "max_q_len"))
@@ -46,7 +52,7 @@ def ragged_paged_attention_xla(
 ) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
     shapes.check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, num_blocks, block_size, _ = k_pages.shape
+    num_kv_heads, _, block_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
     plan = plan_tiles(
         num_tokens=num_tokens, num_seqs=block_tables.shape[0], max_q_len=max_q_len or num_tokens,
@@ -57,8 +63,7 @@ def ragged_paged_attention_xla(
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     tiles, tile_start = tile_metadata(cu_q_lens, context_lens, plan)
     seq, first_token, num_q, first_pos = tiles.T
-    tpt, pages, chunk = plan.tokens_per_tile, plan.pages_per_chunk, plan.chunk
-    num_tiles = plan.num_tiles
+    tpt, num_tiles = plan.tokens_per_tile, plan.num_tiles
 
     offset = jnp.arange(tpt)
     token = jnp.clip(first_token[:, None] + offset, 0, num_tokens - 1)  # [tiles, tpt]
@@ -69,6 +74,42 @@ def ragged_paged_attention_xla(
     row_pos = jnp.repeat(row_pos, group, axis=1)  # [tiles, rows]
     kv_end = jnp.where(num_q > 0, first_pos + num_q, 0)
     tables = padded_block_tables(block_tables, plan, block_size)[seq]  # [tiles, width]
+
+    # Tiles sorted by how much context they read, in groups that each stop at their own
+    # longest: a batch of mostly short sequences no longer pays for its longest one everywhere.
+    groups = LENGTH_GROUPS if num_tiles >= MIN_TILES_TO_GROUP else 1
+    size = cdiv(num_tiles, groups)
+    order = jnp.argsort(kv_end)
+
+    def sorted_padded(x, axis, fill=0):  # tiles in order, padded with empty tiles to groups x size
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, groups * size - num_tiles)
+        return jnp.pad(jnp.take(x, order, axis=axis), widths, constant_values=fill)
+
+    q_tiles, tables, kv_end = sorted_padded(q_tiles, 1), sorted_padded(tables, 0), sorted_padded(kv_end, 0)
+    row_pos = sorted_padded(row_pos, 0, fill=-1)
+    parts = []
+    for g in range(groups):
+        part = functools.partial(lax.slice_in_dim, start_index=g * size, limit_index=(g + 1) * size)
+        parts.append(_attend(part(q_tiles, axis=1), k_pages, v_pages, part(tables, axis=0), part(row_pos, axis=0),
+                             part(kv_end, axis=0), plan, scale))
+    out = jnp.concatenate(parts, axis=1)[:, :num_tiles]  # [Hkv, tiles (sorted), rows, D]
+    out = jnp.zeros_like(out).at[:, order].set(out)
+    out = out.reshape(num_kv_heads, num_tiles, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
+    out = out.reshape(num_tiles, tpt, num_q_heads, head_dim)
+
+    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
+    out = out[jnp.clip(tile, 0, num_tiles - 1), index]
+    return jnp.where(is_query[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def _attend(q_tiles, k_pages, v_pages, tables, row_pos, kv_end, plan, scale):
+    """Online-softmax attention of query tiles (q_tiles [Hkv, tiles, rows, D], rows at
+    row_pos [tiles, rows], -1 = none) over their pages (tables [tiles, width]), a chunk of
+    context at a time up to the longest kv_end [tiles]. Returns [Hkv, tiles, rows, D] float32."""
+    num_kv_heads, num_tiles, num_rows, head_dim = q_tiles.shape
+    num_blocks = k_pages.shape[1]
+    pages, chunk = plan.pages_per_chunk, plan.chunk
 
     def load(pages_array, i):  # -> [Hkv, tiles, chunk, D]
         ids = lax.dynamic_slice_in_dim(tables, i * pages, pages, axis=1)
@@ -90,17 +131,11 @@ def ragged_paged_attention_xla(
                             preferred_element_type=jnp.float32)
         return acc * correction[..., None] + update, m_next, l_prev * correction + p.sum(axis=-1)
 
-    stats_shape = (num_kv_heads, num_tiles, tpt * group)
+    stats_shape = (num_kv_heads, num_tiles, num_rows)
     init = (jnp.zeros(stats_shape + (head_dim,), jnp.float32), jnp.full(stats_shape, MASK_VALUE, jnp.float32),
             jnp.zeros(stats_shape, jnp.float32))
     acc, _, l = lax.fori_loop(0, jnp.max(cdiv(kv_end, chunk)), body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    out = out.reshape(num_kv_heads, num_tiles, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
-    out = out.reshape(num_tiles, tpt, num_q_heads, head_dim)
-
-    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
-    out = out[jnp.clip(tile, 0, num_tiles - 1), index]
-    return jnp.where(is_query[:, None, None], out, 0.0).astype(q.dtype)
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None):

@@ -131,6 +131,23 @@ def test_xla_backend_matches_dense(rng, batch, block_size):
         assert np.all(np.asarray(out[-2:]) == 0)
 
 
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "mixed"])
+def test_xla_backend_length_groups_keep_every_tile_exact(rng, prefill):
+    """Many tiles are sorted by context length and split into groups that stop at their own
+    longest; each token must still see exactly its own context, whichever group it lands in."""
+    import pallas_kernels.xla_attention as xa
+
+    context_lens = list(rng.integers(1, 300, 37)) + [1, 299, 64]
+    q_lens = [1] * 37 + ([1, 40, 64] if prefill else [1, 1, 1])
+    problem = make_problem(rng, context_lens=context_lens, q_lens=q_lens, block_size=16,
+                           num_q_heads=6, num_kv_heads=2, head_dim=32, padding_tokens=3)
+    assert len(context_lens) >= xa.MIN_TILES_TO_GROUP > 1 and xa.LENGTH_GROUPS > 1
+    for max_q_len in (None, max(q_lens)):
+        out = pk.get_backend("xla").ragged_paged_attention(*problem.args, max_q_len=max_q_len)
+        assert relative_error(out, dense_attention(problem)) < 1e-5
+        assert np.all(np.asarray(out[-3:]) == 0)
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 32])
 def test_references_match_dense(rng, block_size):
     problem = make_problem(rng, context_lens=[45, 3, 77], q_lens=[45, 1, 10], block_size=block_size,

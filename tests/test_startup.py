@@ -1,0 +1,99 @@
+"""Start-up: compiled step shapes persist across processes, only the covering shapes are
+compiled before serving (the rest in the background, with steps padded to a ready shape
+meanwhile and never a compile on the serving path), and start-up says what it does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from serving import assert_all_blocks_free, make_llm, random_prompts
+
+from paged_jax import SamplingParams
+from paged_jax.compilation import Executables
+
+SMALL = dict(max_num_seqs=4, max_num_batched_tokens=32, block_size=4, num_gpu_blocks_override=64,
+             attention_backend="xla", num_scheduler_steps=4)
+
+START = """
+import json, sys
+from paged_jax import LLM
+llm = LLM(sys.argv[1], **json.loads(sys.argv[2]))
+llm.engine.wait_for_compiles()
+print(json.dumps(llm.stats()))
+"""
+
+
+def start_in_a_new_process(path, cache_dir, **env) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k != "PAGED_JAX_COMPILATION_CACHE"}
+    environment.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), **env)
+    out = subprocess.run([sys.executable, "-c", START, str(path), json.dumps(SMALL)], env=environment,
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_start_loads_every_step_shape_from_the_persistent_cache(checkpoint, tmp_path):
+    path = checkpoint("llama")
+    cold = start_in_a_new_process(path, tmp_path / "cache")
+    assert cold["executables_built"] > 5 and cold["executables_from_cache"] == 0
+    assert any((tmp_path / "cache").iterdir())
+    warm = start_in_a_new_process(path, tmp_path / "cache")
+    assert warm["executables_from_cache"] == warm["executables_built"] == cold["executables_built"]
+
+
+def test_the_persistent_cache_can_be_turned_off(checkpoint, tmp_path):
+    stats = start_in_a_new_process(checkpoint("llama"), tmp_path / "cache", PAGED_JAX_COMPILATION_CACHE="0")
+    assert stats["executables_from_cache"] == 0
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_step_pads_to_the_smallest_ready_bucket(checkpoint):
+    runner = make_llm(checkpoint("llama"), **SMALL).engine.runner
+    runner.executables = Executables()
+    largest, smallest = runner.decode_buckets[-1], runner.decode_buckets[0]
+    runner.executables.build(largest, lambda: "compiled")
+    assert runner.bucket_for(1, 1, decode=True) == largest  # the only one ready: pad to it
+    runner.executables.build(smallest, lambda: "compiled")
+    assert runner.bucket_for(1, 1, decode=True) == smallest
+    assert runner.bucket_for(1, 2, decode=True) == largest  # the smallest ready one that fits
+
+
+def test_serving_during_background_compiles_gives_the_same_tokens_and_never_compiles(checkpoint, rng):
+    path = checkpoint("llama")
+    prompts = random_prompts(rng, [5, 23, 14, 2, 9])
+    params = [SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
+              # top_p: a decode loop variant compiled only when first wanted (one step meanwhile)
+              SamplingParams(temperature=1.0, top_p=0.8, max_tokens=9, seed=3, ignore_eos=True),
+              SamplingParams(temperature=0.7, max_tokens=17, seed=4, ignore_eos=True)] * 2
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    runs = {}
+    for background in (False, True):
+        llm = make_llm(path, warm_up=True, background_compile=background, **SMALL)
+        outputs = llm.generate(inputs, params[: len(prompts)], use_tqdm=False)
+        runs[background] = [o.outputs[0].token_ids for o in outputs]
+        assert llm.stats()["compiles_after_warmup"] == 0
+        assert llm.engine.wait_for_compiles(timeout=300)
+        assert llm.stats()["executables_pending"] == 0
+        assert_all_blocks_free(llm)
+    assert runs[True] == runs[False]
+
+
+def test_start_up_says_what_it_is_doing(checkpoint):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("paged_jax")
+    logger.addHandler(handler)
+    try:
+        llm = make_llm(checkpoint("llama"), warm_up=True, **SMALL)
+    finally:
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert any("LlamaForCausalLM" in line and "max_num_seqs 4" in line for line in lines)
+    assert any("KV cache: 64 blocks of 4 tokens (256 tokens" in line for line in lines)
+    assert any(line.startswith("ready in") and "from the compilation cache" in line for line in lines)
+    stats = llm.stats()
+    assert stats["start_up_seconds"] > 0 and stats["executables_built"] >= 3
