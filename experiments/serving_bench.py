@@ -1,0 +1,387 @@
+"""Online serving benchmark in the shape of vLLM's benchmark_serving: ShareGPT-like requests
+with Poisson arrivals at several rates, sent by an async HTTP client to a running
+OpenAI-compatible server, streamed; request throughput, output tokens/s, and TTFT, TPOT, ITL
+and end-to-end latency (mean, median, p99) per rate.
+
+The same workload runs against our server (`python -m paged_jax.serve`) and Hugging Face's
+own (`transformers serve --continuous-batching`), each started here on the same model,
+context and machine, one after the other (never both at once: they would share the cores).
+Both generate every request's full output length: ignore_eos for ours, an unreachable
+eos_token_id (`generation_config`) for transformers; the client checks the token counts.
+
+    python -m experiments.serving_bench                       # both servers, default rates
+    python -m experiments.serving_bench --systems paged-jax --rates 4 --num-prompts 20
+    python -m experiments.serving_bench --base-url http://127.0.0.1:8000 --name mine   # a server already up
+
+Prompts are slices of Python standard-library source (what the embedded model knows), cut to
+the workload's prompt lengths in the model's own tokens. Metrics follow vLLM's definitions:
+TTFT = first text chunk - send; TPOT = (latency - TTFT) / (output tokens - 1); ITL = the gaps
+between a request's chunks; duration = first send to last finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from experiments.common import RESULTS, device_kind, device_slug, markdown_table, new_figure, write_result
+from experiments.workloads import SHAREGPT, arrival_times, describe, sample_requests
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "stdlib-llama"
+SYSTEMS = ("paged-jax", "transformers")
+DEFAULT_RATES = (2.0, 4.0, 8.0, 16.0)
+START_TIMEOUT = 900
+REQUEST_TIMEOUT = 600
+# Our engine as the serving experiments run it on a CPU (experiments/serving.py's Setup), all
+# step shapes compiled before the first request.
+PAGED_JAX_FLAGS = ["--max-num-seqs", "64", "--max-num-batched-tokens", "512", "--no-background-compile"]
+
+
+@dataclass
+class Result:
+    """One request as the client saw it."""
+
+    prompt_tokens: int
+    max_tokens: int
+    ok: bool = False
+    error: str = ""
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+# -- workload ------------------------------------------------------------------------------------------
+
+
+def stdlib_corpus() -> str:
+    import argparse as a, collections, dataclasses, email.message, http.client, json as j, logging, pathlib, \
+        shutil as s, subprocess as sp, textwrap, typing, unittest.case
+    return "\n\n".join(inspect.getsource(m) for m in (a, collections, dataclasses, email.message, http.client, j,
+                                                      logging, pathlib, s, sp, textwrap, typing, unittest.case))
+
+
+def make_prompts(model: str, num: int, max_model_len: int, seed: int) -> tuple[list[tuple[str, int, int]], str]:
+    """[(prompt text, prompt tokens, max_tokens)] with ShareGPT's length distribution (scaled
+    to max_model_len), and the workload's description."""
+    from paged_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(model)
+    corpus = tokenizer.encode(stdlib_corpus(), add_special_tokens=False)
+    requests = sample_requests(SHAREGPT, num, max_model_len=max_model_len, seed=seed)
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for r in requests:
+        start = int(rng.integers(0, len(corpus) - r.prompt_len))
+        text = tokenizer.decode(corpus[start:start + r.prompt_len])
+        length = len(tokenizer.encode(text))  # as the servers count it (decoding can merge tokens)
+        prompts.append((text, length, max(1, min(r.output_len, max_model_len - length - 1))))
+    return prompts, describe(SHAREGPT, requests, max_model_len)
+
+
+# -- client --------------------------------------------------------------------------------------------
+
+
+def request_body(system: str, model_name: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if system == "transformers":
+        body["generation_config"] = json.dumps({"eos_token_id": -1})  # its way to generate max_tokens
+    else:
+        body["ignore_eos"] = True
+    return body
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, result: Result) -> None:
+    start = time.perf_counter()
+    last = None
+    text = []
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    result.error = str(chunk["error"])[:200]
+                    return
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                piece = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+                if piece:
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    text.append(piece)
+        result.latency = time.perf_counter() - start
+        result.ok = last is not None
+        if not result.ok:
+            result.error = "no text came back"
+    except (httpx.HTTPError, json.JSONDecodeError) as error:
+        result.error = f"{type(error).__name__}: {error}"[:200]
+
+
+async def run_rate(url: str, system: str, model_name: str, prompts, rate: float, seed: int) -> dict:
+    """Send every prompt at its Poisson arrival time; wait for all; the rate's metrics."""
+    arrivals = arrival_times(len(prompts), rate, 1.0, np.random.default_rng(seed + 1))
+    results = [Result(length, max_tokens) for _, length, max_tokens in prompts]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT, limits=limits) as client:
+        begin = time.perf_counter()
+
+        async def one(i):
+            await asyncio.sleep(max(0.0, begin + arrivals[i] - time.perf_counter()))
+            await send(client, url, request_body(system, model_name, prompts[i][0], prompts[i][2]), results[i])
+
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        duration = time.perf_counter() - begin
+    return summarize(results, rate, duration)
+
+
+def summarize(results: list[Result], rate: float, duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out = np.array([r.output_tokens for r in ok], float)
+
+    def stats(values) -> dict:
+        values = np.asarray(values, float) * 1000  # ms
+        if not len(values):
+            return {"mean": None, "median": None, "p99": None}
+        return {"mean": float(values.mean()), "median": float(np.median(values)),
+                "p99": float(np.percentile(values, 99))}
+
+    return {
+        "rate": rate, "num_requests": len(results), "completed": len(ok), "duration_s": duration,
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "short_outputs": sum(r.output_tokens < r.max_tokens for r in ok),  # stopped before max_tokens
+        "request_throughput": len(ok) / duration, "output_throughput": float(out.sum()) / duration,
+        "total_output_tokens": int(out.sum()), "total_prompt_tokens": int(sum(r.prompt_tokens for r in ok)),
+        "ttft_ms": stats([r.ttft for r in ok]),
+        "tpot_ms": stats([(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]),
+        "itl_ms": stats([gap for r in ok for gap in r.itl]),
+        "e2el_ms": stats([r.latency for r in ok]),
+    }
+
+
+# -- servers ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(system: str, model: str, max_model_len: int, dtype: str, port: int,
+                   extra: list[str] = ()) -> list[str]:
+    if system == "paged-jax":
+        return [sys.executable, "-m", "paged_jax.serve", model, "--host", "127.0.0.1", "--port", str(port),
+                "--max-model-len", str(max_model_len), "--dtype", dtype, "--uvicorn-log-level", "warning",
+                *PAGED_JAX_FLAGS, *extra]
+    transformers = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    return [transformers, "serve", model, "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+            "--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype, "--log-level", "warning"]
+
+
+class Server:
+    """A server subprocess, up once /health answers, stopped (its process group) on exit."""
+
+    def __init__(self, system: str, model: str, max_model_len: int, dtype: str, log: Path, extra: list[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = server_command(system, model, max_model_len, dtype, self.port, list(extra))
+        self.log = log
+        self.startup_seconds = 0.0
+
+    def __enter__(self) -> Server:
+        start = time.perf_counter()
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited with {self.process.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    self.startup_seconds = time.perf_counter() - start
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.__exit__()
+        raise RuntimeError(f"no /health within {START_TIMEOUT} s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        except ProcessLookupError:
+            pass
+
+
+def bench(url: str, system: str, model_name: str, prompts, rates, seed: int) -> list[dict]:
+    # Warm-up as vLLM's benchmark does it (a test request), four at once: not measured.
+    asyncio.run(run_rate(url, system, model_name, prompts[:4], float("inf"), seed))
+    rows = []
+    for rate in rates:
+        row = asyncio.run(run_rate(url, system, model_name, prompts, rate, seed))
+        print(f"{system} rate {rate}: {row['completed']}/{row['num_requests']} done in {row['duration_s']:.1f} s, "
+              f"{row['output_throughput']:.0f} tok/s, median TTFT {row['ttft_ms']['median']} ms", flush=True)
+        rows.append(row)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def table(data: dict) -> str:
+    header = ["system", "rate (req/s)", "done", "req/s", "output tok/s", "TTFT mean / median / p99 (ms)",
+              "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "E2E mean / median / p99 (ms)"]
+
+    def three(s):
+        return " / ".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("mean", "median", "p99"))
+
+    rows = []
+    for system, run in data["systems"].items():
+        for r in run.get("rates", []):
+            rows.append([system, f"{r['rate']:g}", f"{r['completed']}/{r['num_requests']}",
+                         f"{r['request_throughput']:.2f}", f"{r['output_throughput']:.0f}", three(r["ttft_ms"]),
+                         three(r["tpot_ms"]), three(r["itl_ms"]), three(r["e2el_ms"])])
+    lines = [data["workload"], "", markdown_table(header, rows), ""]
+    for system, run in data["systems"].items():
+        if run.get("error"):
+            lines.append(f"- **{system} could not be measured**: {run['error']}")
+        else:
+            lines.append(f"- {system}: `{' '.join(run['command'])}` (up in {run['startup_seconds']:.0f} s)")
+            short = sum(r["short_outputs"] for r in run["rates"])
+            if short:
+                lines.append(f"  - {short} requests stopped before their max_tokens")
+            for r in run["rates"]:
+                if r["errors"]:
+                    lines.append(f"  - rate {r['rate']:g} errors: {r['errors']}")
+    lines += ["", *comparison(data)]
+    return "\n".join(lines)
+
+
+def comparison(data: dict) -> list[str]:
+    ours, theirs = (data["systems"].get(s, {}).get("rates") for s in SYSTEMS)
+    if not ours or not theirs:
+        return []
+    lines = ["Ours against `transformers serve --continuous-batching`, rate by rate:", ""]
+    for a, b in zip(ours, theirs):
+        lines.append(f"- rate {a['rate']:g} req/s: median TTFT {a['ttft_ms']['median']:.0f} ms vs "
+                     f"{b['ttft_ms']['median']:.0f} ms ({_ratio(a['ttft_ms']['median'], b['ttft_ms']['median'], 'lower')}), "
+                     f"output {a['output_throughput']:.0f} vs {b['output_throughput']:.0f} tok/s "
+                     f"({_ratio(b['output_throughput'], a['output_throughput'], 'higher')})")
+    return lines
+
+
+def _ratio(ours: float, theirs: float, better: str) -> str:
+    """'1.3x lower' when ours is the smaller (better) value, else 'ours 1.3x higher'."""
+    worse = {"lower": "higher", "higher": "lower"}[better]
+    if ours <= theirs:
+        return f"ours {theirs / ours:.2f}x {better}"
+    return f"ours {ours / theirs:.2f}x {worse}"
+
+
+def plot(data: dict):
+    fig, (ax_ttft, ax_tpot) = new_figure(ncols=2)
+    for system, run in data["systems"].items():
+        rates = run.get("rates") or []
+        if not rates:
+            continue
+        x = [r["rate"] for r in rates]
+        ax_ttft.plot(x, [r["ttft_ms"]["median"] for r in rates], "o-", label=f"{system} median")
+        ax_ttft.plot(x, [r["ttft_ms"]["p99"] for r in rates], "x--", alpha=0.6, label=f"{system} p99")
+        ax_tpot.plot(x, [r["tpot_ms"]["median"] for r in rates], "o-", label=f"{system} median")
+        ax_tpot.plot(x, [r["tpot_ms"]["p99"] for r in rates], "x--", alpha=0.6, label=f"{system} p99")
+    for ax, name in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Online serving, {data['model_name']} on {data['machine']}")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--base-url", help="bench this running server instead of starting the systems")
+    parser.add_argument("--name", default="server", help="the system's name with --base-url")
+    parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES))
+    parser.add_argument("--num-prompts", type=int, default=60)
+    parser.add_argument("--max-model-len", type=int, default=256)
+    # float32: the embedded checkpoint is bfloat16, which XLA runs ~20x slower than float32 on
+    # a CPU (no native bf16 matmul); both servers get the same dtype.
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                        help="more flags for our server (last on the line), e.g. --num-scheduler-steps 4")
+    parser.add_argument("--output", default=None, help="results/<name>.md (default serving_<device>)")
+    args = parser.parse_args(argv)
+
+    prompts, workload = make_prompts(args.model, args.num_prompts, args.max_model_len, args.seed)
+    model_name = args.model
+    data = {"machine": device_kind(), "date": time.strftime("%Y-%m-%d"), "model_name": Path(args.model).name,
+            "workload": (f"Model `{Path(args.model).name}` ({args.dtype}), context {args.max_model_len}; {workload}; prompts "
+                         f"cut from standard-library source; Poisson arrivals; greedy, every request generating "
+                         f"its max_tokens; streamed."), "systems": {}}
+    if args.base_url:
+        data["systems"][args.name] = {"command": ["(already running)", args.base_url], "startup_seconds": 0.0,
+                                      "rates": bench(args.base_url, "paged-jax", model_name, prompts, args.rates,
+                                                     args.seed)}
+    for system in ([] if args.base_url else args.systems):
+        log = Path(tempfile.gettempdir()) / f"serving_bench_{system}.log"
+        try:
+            extra = args.server_args if system == "paged-jax" else []
+            with Server(system, args.model, args.max_model_len, args.dtype, log, extra) as server:
+                rates = bench(server.url, system, model_name, prompts, args.rates, args.seed)
+                data["systems"][system] = {"command": ["python" if system == "paged-jax" else "transformers",
+                                                       *server.command[1:]],
+                                           "startup_seconds": server.startup_seconds, "rates": rates}
+        except (RuntimeError, OSError) as error:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            data["systems"][system] = {"error": f"{error} {' | '.join(tail)}"[:600]}
+            print(f"{system}: {data['systems'][system]['error']}", file=sys.stderr)
+    name = args.output or f"serving_{device_slug()}"
+    body = table(data)
+    print(body)
+    write_result(name, "Online serving: our OpenAI server against `transformers serve`", body)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(data).savefig(RESULTS / f"{name}.png", dpi=120, bbox_inches="tight")
+    print(f"wrote {RESULTS / name}.md, .json, .png")
+    return data
+
+
+if __name__ == "__main__":
+    main()
+
