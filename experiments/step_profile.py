@@ -1,28 +1,30 @@
 """Where a run's milliseconds go: every device call of a real engine run is recorded, then
 replayed in pieces on the same machine, and set beside the matmul roofline of the same work.
 
-Recording wraps the runner's input builder (no change to the engine): each call's bucket,
-token ids, positions, attention metadata and number of decode steps. Replaying each call
-(a decode loop of k steps counts as k single steps at the same shapes) times:
+Recording wraps the runner's executables (no change to the engine): each call's executable
+and arguments (the KV cache aside). Replaying each call times:
 
-- `forward`: the engine's own compiled forward pass at the call's bucket;
-- `forward, attention skipped`: the same model with attention returning zeros (KV writes kept):
-  forward minus this is attention, the paged gather included;
+- `device`: the call itself (a forward pass, or a decode loop of k steps with its sampler);
+- the same call on the same model with attention returning zeros (KV writes kept): the
+  difference is attention, the paged gather included;
 - `matmuls`: the model's matrix products alone (QKV, output, MLP, LM head) at the bucket's
-  token count; the null-attention forward minus this is the rest (norms, RoPE, embedding, KV
-  writes);
+  token count, k times for a loop;
 - `matmuls, real tokens`: the same at the call's real token count: the difference is the cost
   of bucket padding, and the sum is the roofline, the time the run's arithmetic needs at
   this machine's matmul speed with nothing else (the schedule's batch sizes kept);
-- `sampler`: the jitted sampler at the bucket's rows.
-
-The engine's wall time minus the replayed device time is host work (scheduling, input
-preparation, detokenisation) plus device-to-host transfers.
+- `sampler`: the jitted sampler at the call's rows (inside the loop for a decode loop, a
+  separate call after a single step).
+What is left of a call (norms, RoPE, embedding, KV writes) is its null-attention time less
+its matmuls and sampler. The pieces of one call are timed back to back, so they share the
+machine's load of the moment; they split the run's device time in their proportions. The
+host's share (scheduling, input preparation, detokenisation, device-to-host transfers) is the
+engine's own measure: the step time it did not spend waiting for the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from contextlib import contextmanager
 
@@ -31,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import time_call
+from paged_jax import runner as runner_module
 from paged_jax.cache import init_kv_cache
 from paged_jax.models import CausalLM, Model, make_forward
-from paged_jax.runner import ModelRunner, _empty_batch
+from paged_jax.runner import Bucket, ModelRunner
 from paged_jax.sampling import SamplerFlags, SamplingBatch, sample
 
 SAMPLING = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # the benchmark's temperature 1
@@ -41,41 +44,46 @@ SAMPLING = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)
 
 @dataclasses.dataclass
 class Call:
-    bucket_tokens: int
-    bucket_seqs: int
-    real_tokens: int
-    real_seqs: int
-    decode: bool
-    tokens: np.ndarray
-    positions: np.ndarray
-    meta: object
-    steps: int = 1
+    key: object  # Bucket (one forward step) or (Bucket, steps, flags) (a decode loop)
+    args: tuple  # the executable's arguments with the KV cache (position 3) left out
+
+    @property
+    def bucket(self) -> Bucket:
+        return self.key if isinstance(self.key, Bucket) else self.key[0]
+
+    @property
+    def steps(self) -> int:
+        return 1 if isinstance(self.key, Bucket) else self.key[1]
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.args[3].cu_q_lens[-1])
+
+    @property
+    def real_seqs(self) -> int:
+        return int(np.count_nonzero(np.diff(np.asarray(self.args[3].cu_q_lens))))
 
 
 @contextmanager
 def recording(runner: ModelRunner):
     """Record runner's device calls while the block runs; yields the list they land in."""
     calls: list[Call] = []
-    inputs, execute = runner._inputs, runner.execute
+    executable_for = runner._executable
 
-    def record_inputs(chunks, tokens, bucket):
-        padded, positions, meta = inputs(chunks, tokens, bucket)
-        calls.append(Call(bucket.num_tokens, bucket.num_seqs, len(tokens), len(chunks), bucket.decode,
-                          padded, positions, meta))
-        return padded, positions, meta
+    def recorded(key):
+        executable = executable_for(key)
 
-    def record_execute(out, rows, num_steps=1, limits=None):
-        before = len(calls)
-        results = execute(out, rows, num_steps, limits)
-        if len(calls) > before and results:
-            calls[-1].steps = len(results[0])
-        return results
+        def call(*args):
+            calls.append(Call(key, args[:3] + args[4:]))
+            return executable(*args)
 
-    runner._inputs, runner.execute = record_inputs, record_execute
+        return call
+
+    runner._executable = recorded
     try:
         yield calls
     finally:
-        runner._inputs, runner.execute = inputs, execute
+        runner._executable = executable_for
 
 
 def _matmuls(params, x, num_logits: int):
@@ -92,58 +100,74 @@ def _matmuls(params, x, num_logits: int):
     return x[:num_logits, :hidden] @ head
 
 
-def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: float, repeats: int = 3) -> dict:
-    """Replay calls piecewise; seconds per component over the whole run (see module doc)."""
+def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: float, host_share: float,
+            repeats: int = 3) -> dict:
+    """Replay calls piecewise; seconds of the run's wall time per component (module doc)."""
     null_backend = dataclasses.replace(model.module.backend, name="none",
                                        ragged_paged_attention=lambda q, *args, **kwargs: jnp.zeros_like(q))
-    null_forward = make_forward(CausalLM(model.config, null_backend, param_dtype=model.dtype))
+    null_module = CausalLM(model.config, null_backend, param_dtype=model.dtype)
+    real = dict(forward=model.forward, loop=runner._decode_loop)
+    null = dict(forward=make_forward(null_module),
+                loop=jax.jit(functools.partial(runner_module._decode_loop, null_module, runner.block_size),
+                             static_argnames=("num_steps", "flags"), donate_argnums=(3,)))
     matmuls = jax.jit(_matmuls, static_argnums=2)
-    num_blocks = runner.kv_cache[0][0].shape[1]
-    state = {"cache": init_kv_cache(model.config, num_blocks, runner.block_size, model.dtype)}
+    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.dtype)}
 
-    def forward_time(forward, call: Call) -> float:
+    def call_time(functions, call: Call) -> float:
         def run():
-            logits, state["cache"] = forward(model.params, call.tokens, call.positions, state["cache"], call.meta)
-            return logits
+            args = call.args[:3] + (state["cache"],) + call.args[3:]
+            if isinstance(call.key, Bucket):
+                out, state["cache"] = functions["forward"](*args)
+            else:
+                out, state["cache"] = functions["loop"](*args, num_steps=call.key[1], flags=call.key[2])
+            return out
         return time_call(run, repeats=repeats)
+
+    memo: dict = {}
+
+    def measured(key, measure):
+        if key not in memo:
+            memo[key] = measure()
+        return memo[key]
 
     def matmul_time(tokens: int, rows: int) -> float:
         x = jnp.ones((tokens, model.config.hidden_size), model.dtype)
-        return time_call(lambda: matmuls(model.params, x, rows), repeats=repeats)
+        return measured(("matmuls", tokens, rows), lambda: time_call(lambda: matmuls(model.params, x, rows),
+                                                                     repeats=repeats))
 
     def sampler_time(rows: int) -> float:
-        batch = SamplingBatch(**_empty_batch(rows)).replace(temperature=jnp.ones(rows, jnp.float32))
-        logits = jax.random.normal(jax.random.PRNGKey(0), (rows, model.config.vocab_size))
-        return time_call(lambda: sample(logits, batch, SAMPLING).tokens, repeats=repeats)
+        def measure():
+            batch = SamplingBatch(**runner_module._empty_batch(rows)).replace(temperature=jnp.ones(rows, jnp.float32))
+            logits = jax.random.normal(jax.random.PRNGKey(0), (rows, model.config.vocab_size))
+            return time_call(lambda: sample(logits, batch, SAMPLING).tokens, repeats=repeats)
+        return measured(("sampler", rows), measure)
 
     totals = Counter()
-    memo: dict = {}
     for call in calls:
-        def cached(key, measure):
-            if key not in memo:
-                memo[key] = measure()
-            return memo[key]
-
-        totals["forward"] += call.steps * forward_time(model.forward, call)
-        totals["null_attention"] += call.steps * forward_time(null_forward, call)
-        totals["matmuls_bucket"] += call.steps * cached(("mm", call.bucket_tokens, call.bucket_seqs),
-                                                          lambda: matmul_time(call.bucket_tokens, call.bucket_seqs))
-        totals["matmuls_real"] += call.steps * cached(("mm", call.real_tokens, call.real_seqs),
-                                                        lambda: matmul_time(call.real_tokens, call.real_seqs))
-        totals["sampler"] += call.steps * cached(("sample", call.bucket_seqs), lambda: sampler_time(call.bucket_seqs))
-    device = totals["forward"] + totals["sampler"]
+        bucket, steps = call.bucket, call.steps
+        device, without_attention = call_time(real, call), call_time(null, call)
+        sampler = steps * sampler_time(bucket.num_seqs)
+        if isinstance(call.key, Bucket):  # the sampler ran as its own call after the step
+            device, without_attention = device + sampler, without_attention + sampler
+        totals["device"] += device
+        totals["attention"] += device - without_attention
+        totals["sampler"] += sampler
+        totals["matmuls_bucket"] += steps * matmul_time(bucket.num_tokens, bucket.num_seqs)
+        totals["matmuls_real"] += steps * matmul_time(call.real_tokens, call.real_seqs)
+        totals["without_attention"] += without_attention
+    scale = wall_seconds * (1 - host_share) / totals["device"]  # replayed seconds -> the run's device seconds
     return dict(
         wall=wall_seconds,
-        attention=totals["forward"] - totals["null_attention"],
-        other_layers=totals["null_attention"] - totals["matmuls_bucket"],
-        padding=totals["matmuls_bucket"] - totals["matmuls_real"],
-        roofline=totals["matmuls_real"],
-        sampler=totals["sampler"],
-        host=wall_seconds - device,
+        attention=scale * totals["attention"],
+        other_layers=scale * (totals["without_attention"] - totals["matmuls_bucket"] - totals["sampler"]),
+        padding=scale * (totals["matmuls_bucket"] - totals["matmuls_real"]),
+        roofline=scale * totals["matmuls_real"],
+        sampler=scale * totals["sampler"],
+        host=wall_seconds * host_share,
         device_calls=len(calls),
         device_steps=sum(c.steps for c in calls),
         real_tokens=sum(c.real_tokens * c.steps for c in calls),
-        bucket_tokens=sum(c.bucket_tokens * c.steps for c in calls),
+        bucket_tokens=sum(c.bucket.num_tokens * c.steps for c in calls),
     )
 
 
@@ -160,7 +184,7 @@ BREAKDOWN = [  # (key, what it is)
     ("attention", "attention, paged gather included"),
     ("other_layers", "norms, RoPE, embedding, KV writes"),
     ("sampler", "sampler"),
-    ("host", "host: scheduling, input preparation, detokenisation, transfers (wall minus the above)"),
+    ("host", "host: scheduling, input preparation, detokenisation, transfers"),
 ]
 
 

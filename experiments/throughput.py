@@ -60,7 +60,8 @@ def run_ours(path: Path, prompts, requests, sizes, scheduler_steps: int, runs: i
             outputs = llm.generate(inputs, params, use_tqdm=False)
             seconds.append(time.perf_counter() - start)
         assert [len(o.outputs[0].token_ids) for o in outputs] == [r.output_len for r in requests]
-    profile = step_profile.profile(llm.engine.model, llm.engine.runner, calls, seconds[-1])
+    profile = step_profile.profile(llm.engine.model, llm.engine.runner, calls, seconds[-1],
+                                   llm.stats()["host_overhead"])
     roofline = step_profile.matmul_rate(llm.engine.model, sizes["roofline_batch"])
     return dict(seconds=seconds, warm_up=warm_up, stats=llm.stats(), profile=profile, roofline=roofline)
 

@@ -56,6 +56,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     dtype: str = "float32"  # the checkpoint's dtype
+    # Rows of the embedding / columns of the LM head when the vocabulary is split over devices
+    # and padded to a multiple of them (parallel.py); logits are cut back to vocab_size.
+    padded_vocab_size: int | None = None
 
     @property
     def max_model_len(self) -> int:

@@ -23,14 +23,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from paged_jax import parallel
 from paged_jax.beam_search import BeamSearch, BeamSearchParams, Continuation, check_beam_width
 from paged_jax.block_manager import BlockManager, make_block_manager
 from paged_jax.cache import kv_cache_bytes_per_block
 from paged_jax.compilation import configure_persistent_cache
 from paged_jax.logger import configure as configure_logging
+from paged_jax.loader import read_config
 from paged_jax.models import Model, load_model
 from paged_jax.outputs import Logprob, RequestMetrics, RequestOutput
-from paged_jax.reservation import POLICIES, MemoryUsage, kv_utilization
+from paged_jax.reservation import POLICIES, MemoryUsage
 from paged_jax.runner import ModelRunner, Sampled
 from paged_jax.sampling import SamplingParams, request_key
 from paged_jax.scheduler import Scheduler, SchedulerConfig
@@ -38,7 +40,8 @@ from paged_jax.sequence import Sequence, SequenceGroup
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-CPU_KV_CACHE_BYTES = 1 << 30  # the cache budget where there is no accelerator memory to measure
+CPU_KV_CACHE_BYTES = 1 << 30
+STEP_LOG_LENGTH = 100_000  # engine.step_log keeps the latest steps, between half this and this  # the cache budget where there is no accelerator memory to measure
 PREEMPTION_MODES = ("recompute", "swap")
 MEMORY_MANAGERS = ("paged",) + tuple(f"orca-{policy}" for policy in POLICIES)
 BATCHING = ("continuous", "static")
@@ -68,6 +71,10 @@ class EngineArgs:
     batching: str = "continuous"
     seed: int = 0
     attention_backend: str = "auto"
+    # T devices run one model (tensor parallelism, parallel.py); D engines on disjoint groups
+    # of T devices share the requests (data parallelism, data_parallel.py). vLLM's names.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     # Decode steps per device loop when only decodes run. 8 measured best of 1 / 4 / 8 on a
     # 2-core CPU (experiments/throughput.py --scheduler-steps 1 4 8): 1.35x the throughput of 1.
     num_scheduler_steps: int = 8
@@ -95,6 +102,8 @@ class EngineArgs:
                 "num_gpu_blocks_override", "must be >= 1")
         require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", f"must be one of {PREEMPTION_MODES}")
         require(self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be >= 1")
+        require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        require(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
         require(self.memory_manager in MEMORY_MANAGERS, "memory_manager", f"must be one of {MEMORY_MANAGERS}")
         require(self.batching in BATCHING, "batching", f"must be one of {BATCHING}")
         require(self.memory_manager == "paged" or not (self.enable_prefix_caching or self.preemption_mode == "swap"),
@@ -116,13 +125,19 @@ class StepRecord:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, devices=None):
+        """devices: the tensor_parallel_size devices this engine runs on (the data-parallel
+        front gives each engine its own); by default the first ones."""
         args.validate()
         configure_logging()
         start = time.perf_counter()
         self.args = args
         cache_dir = configure_persistent_cache(args.compilation_cache)
-        self.model: Model = load_model(args.model, dtype=args.dtype, attention_backend=args.attention_backend)
+        self.mesh = parallel.engine_mesh(args, devices)
+        dtype = _compute_dtype(args.dtype, args.model)
+        self.model: Model = load_model(args.model, dtype=dtype, attention_backend=args.attention_backend) \
+            if self.mesh is None else parallel.load_model(args.model, self.mesh, dtype=args.dtype,
+                                                           attention_backend=args.attention_backend)
         config = self.model.config
         tokenizer_dir = Path(args.tokenizer or args.model)
         self.tokenizer = Tokenizer.from_pretrained(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
@@ -134,7 +149,8 @@ class LLMEngine:
         on_gpu = jax.default_backend() == "gpu"
         self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_gpu else 2048)
         bytes_per_block = kv_cache_bytes_per_block(config, args.block_size, self.model.dtype)
-        num_blocks = args.num_gpu_blocks_override or self._num_blocks(bytes_per_block)
+        # Each device holds its share of every block's KV heads: T devices hold ~T times the blocks.
+        num_blocks = args.num_gpu_blocks_override or self._num_blocks(bytes_per_block // args.tensor_parallel_size)
         num_swap_blocks = int(args.swap_space * (1 << 30)) // bytes_per_block if args.preemption_mode == "swap" else 0
         self.block_manager = make_block_manager(
             args.memory_manager, num_blocks, args.block_size, self.max_model_len, num_swap_blocks=num_swap_blocks,
@@ -162,14 +178,17 @@ class LLMEngine:
                     f" {cache_dir}" if cache_dir else ", which is off", self.runner.executables.pending)
         self.groups: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
+        # The latest steps, for the figures; stats() keeps running sums (a server runs for days).
         self.step_log: list[StepRecord] = []
-        self._sharing = []  # (blocks the sequences' tables name, physical blocks they use), per step
+        self._slots = [0, 0]  # slots holding computed tokens, slots given to requests: summed over steps
+        self._sharing = [0, 0]  # blocks the sequences' tables name, physical blocks they use: summed
         self._step_seconds = 0.0
 
     def _num_blocks(self, bytes_per_block: int) -> int:
         """From free accelerator memory x gpu_memory_utilization, less room for activations;
-        on a CPU from a fixed budget. Never more than max_num_seqs full contexts need."""
-        device = jax.devices()[0]
+        on a CPU from a fixed budget. Never more than max_num_seqs full contexts need.
+        bytes_per_block and the budget are per device."""
+        device = jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0]
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:
             c = self.model.config
@@ -268,6 +287,7 @@ class LLMEngine:
         num_steps, limits = self._decode_steps(out)
         self._record_sharing()
         rows = out.sampler_rows()
+        scheduled = time.time()
         results = self.runner.execute(out, rows, num_steps, limits)
         num_steps = len(results[0]) if results else 1  # a decode loop not compiled yet runs one step
         now = time.time()
@@ -276,7 +296,7 @@ class LLMEngine:
             # A decode loop writes K/V up to each row's limit (tokens past it are dropped).
             chunk.seq.num_computed_tokens = min(limits[i], chunk.num_cached + num_steps) if limits \
                 else chunk.num_cached + chunk.num_new
-            chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or now
+            chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or scheduled
         for _, chunk, seq in rows:
             if seq is not chunk.seq:  # the prompt is computed: its sibling forks from it
                 self.block_manager.fork(chunk.seq, seq)
@@ -298,6 +318,8 @@ class LLMEngine:
             self._beam_step(group, choices, now)
         self.block_manager.cache_full_blocks([c.seq for c in out.chunks])
         memory = self.block_manager.memory_usage(self.scheduler.running)
+        self._slots[0] += memory.token_states
+        self._slots[1] += memory.total - memory.free
         outputs = []
         for group in touched.values():
             if group.finished:
@@ -313,6 +335,8 @@ class LLMEngine:
             num_requests=len({id(c.group) for c in out.chunks}), num_tokens=out.num_tokens,
             num_context_tokens=sum(c.num_cached + c.num_new for c in out.chunks), num_steps=num_steps,
             seconds=seconds, memory=memory, waiting=bool(self.scheduler.waiting)))
+        if len(self.step_log) > STEP_LOG_LENGTH:
+            del self.step_log[: STEP_LOG_LENGTH // 2]
         return outputs
 
     def _beam_step(self, group: SequenceGroup, choices: list[tuple[Sequence, Sampled]], now: float) -> None:
@@ -414,7 +438,8 @@ class LLMEngine:
         (what sharing saves)."""
         named = sum(len(s.block_table) for g in self.scheduler.running for s in g.active)
         if named and isinstance(self.block_manager, BlockManager):  # a reservation's rounding is not sharing
-            self._sharing.append((named, self.block_manager.num_blocks - self.block_manager.num_free_blocks))
+            self._sharing[0] += named
+            self._sharing[1] += self.block_manager.num_blocks - self.block_manager.num_free_blocks
 
     def stats(self) -> dict:
         return {
@@ -423,7 +448,7 @@ class LLMEngine:
             "block_size": self.args.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
             # Slots holding computed tokens / slots given to requests, over all steps (Fig. 2).
-            "kv_utilization": kv_utilization([r.memory for r in self.step_log]),
+            "kv_utilization": self._slots[0] / self._slots[1] if self._slots[1] else 0.0,
             "num_steps": self.runner.num_steps,
             "num_device_calls": self.runner.num_calls,
             "compiles_after_warmup": self.runner.compiles_after_warmup,
@@ -431,8 +456,7 @@ class LLMEngine:
             "num_swapped_in_blocks": self.runner.num_swapped_in,
             "num_copied_blocks": self.runner.num_copied,
             # 1 - blocks in use / blocks the tables name, over all steps: what sharing saved.
-            "block_sharing_saving": 1 - sum(u for _, u in self._sharing) / named if (
-                named := sum(n for n, _ in self._sharing)) else 0.0,
+            "block_sharing_saving": 1 - self._sharing[1] / self._sharing[0] if self._sharing[0] else 0.0,
             "prefix_cache_hit_rate": self.scheduler.num_cached_prompt_tokens / self.scheduler.num_prompt_tokens
             if self.scheduler.num_prompt_tokens else 0.0,
             # Share of step time the host spent not waiting for the device (scheduling,
@@ -450,6 +474,20 @@ class LLMEngine:
         """Block until the background compile thread is done (every step shape ready): what
         a benchmark of steady-state speed waits for. False on timeout."""
         return self.runner.executables.wait(timeout)
+
+
+def _compute_dtype(dtype: str, model: str) -> str:
+    """`auto` is the checkpoint's dtype, except half precision on a CPU, where it is float32:
+    XLA's CPU matmuls emulate bfloat16 (the embedded bfloat16 model decodes 3x slower in it than
+    in float32 on 2 cores), and float32 holds half-precision weights exactly."""
+    if dtype != "auto" or jax.default_backend() != "cpu":
+        return dtype
+    stored = read_config(model).dtype
+    if stored in ("bfloat16", "float16"):
+        logger.info("computing in float32 on the CPU (the checkpoint stores %s; pass dtype=%r to keep it)",
+                    stored, stored)
+        return "float32"
+    return dtype
 
 
 def _mix(a: int, b: int) -> int:

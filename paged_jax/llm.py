@@ -8,6 +8,7 @@ from typing import Sequence as Seq
 from tqdm import tqdm
 
 from paged_jax.beam_search import BeamSearchParams
+from paged_jax.data_parallel import DataParallelEngine
 from paged_jax.engine import EngineArgs, LLMEngine
 from paged_jax.outputs import BeamSearchOutput, BeamSearchSequence, RequestMetrics, RequestOutput
 from paged_jax.sampling import SamplingParams
@@ -20,8 +21,10 @@ class LLM:
 
     def __init__(self, model: str, **engine_args):
         """engine_args: any field of EngineArgs (block_size, max_num_seqs, enable_prefix_caching,
-        memory_manager, ...), by keyword, as vLLM's LLM takes them."""
-        self.engine = LLMEngine(EngineArgs(model=str(model), **engine_args))
+        memory_manager, tensor_parallel_size, data_parallel_size, ...), by keyword, as vLLM's LLM
+        takes them. data_parallel_size > 1 serves through D engines behind one front."""
+        args = EngineArgs(model=str(model), **engine_args)
+        self.engine = LLMEngine(args) if args.data_parallel_size == 1 else DataParallelEngine(args)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -10,6 +10,7 @@ a mismatch names the tensor and its file.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -95,10 +96,34 @@ def _same(array):
     return array
 
 
-def _dense(rules, ours: str, hf: tuple[str, ...], kernel_fn, bias: bool, bias_keys=None):
-    rules[f"{ours}/kernel"] = (tuple(k + ".weight" for k in hf), kernel_fn)
+def _qkv(config: ModelConfig, combine):
+    """q|k|v columns (or bias entries) -> grouped by KV head: [kv_heads, (group q heads, k, v),
+    head_dim], the layout models/transformer.py splits (so a split of the columns over devices
+    is a split by heads)."""
+    def grouped(*arrays):
+        x = combine(*arrays)
+        lead, d, kv = x.shape[:-1], config.head_dim, config.num_kv_heads
+        group = config.num_heads // kv
+        q = x[..., : kv * group * d].reshape(*lead, kv, group, d)
+        k, v = (x[..., kv * (group + i) * d : kv * (group + i + 1) * d].reshape(*lead, kv, 1, d) for i in (0, 1))
+        return jnp.concatenate([q, k, v], axis=-2).reshape(x.shape)
+    return grouped
+
+
+def _pairs(combine):
+    """gate|up columns -> (gate_i, up_i) pairs, so a split of the columns keeps pairs together."""
+    def paired(*arrays):
+        x = combine(*arrays)
+        return x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).swapaxes(-1, -2).reshape(x.shape)
+    return paired
+
+
+def _dense(rules, ours: str, hf: tuple[str, ...], kernel_fn, bias: bool, layout=None):
+    """layout (_qkv, _pairs): how the fused output columns are ordered, kernel and bias alike."""
+    layout = layout or (lambda combine: combine)
+    rules[f"{ours}/kernel"] = (tuple(k + ".weight" for k in hf), layout(kernel_fn))
     if bias:
-        rules[f"{ours}/bias"] = (tuple(k + ".bias" for k in (bias_keys or hf)), _cat)
+        rules[f"{ours}/bias"] = (tuple(k + ".bias" for k in hf), layout(_cat))
 
 
 def _norm(rules, ours: str, hf: str, config: ModelConfig):
@@ -110,11 +135,12 @@ def _norm(rules, ours: str, hf: str, config: ModelConfig):
 def weight_rules(config: ModelConfig) -> dict[str, Rule]:
     """Our parameter path ('layers_0/attn/qkv_proj/kernel') -> its rule."""
     c, rules = config, {}
+    qkv_layout = functools.partial(_qkv, c)
     for i in range(c.num_layers):
         ours = f"layers_{i}"
         if c.family == "gpt2":  # Conv1D weights are already [in, out]
             hf = f"transformer.h.{i}"
-            _dense(rules, f"{ours}/attn/qkv_proj", (f"{hf}.attn.c_attn",), _same, True)
+            _dense(rules, f"{ours}/attn/qkv_proj", (f"{hf}.attn.c_attn",), _same, True, qkv_layout)
             _dense(rules, f"{ours}/attn/o_proj", (f"{hf}.attn.c_proj",), _same, True)
             _dense(rules, f"{ours}/mlp/fc1", (f"{hf}.mlp.c_fc",), _same, True)
             _dense(rules, f"{ours}/mlp/fc2", (f"{hf}.mlp.c_proj",), _same, True)
@@ -123,7 +149,7 @@ def weight_rules(config: ModelConfig) -> dict[str, Rule]:
         elif c.family == "opt":
             hf = f"model.decoder.layers.{i}"
             qkv = tuple(f"{hf}.self_attn.{p}_proj" for p in "qkv")
-            _dense(rules, f"{ours}/attn/qkv_proj", qkv, _linear, c.qkv_bias)
+            _dense(rules, f"{ours}/attn/qkv_proj", qkv, _linear, c.qkv_bias, qkv_layout)
             _dense(rules, f"{ours}/attn/o_proj", (f"{hf}.self_attn.out_proj",), _linear, c.out_bias)
             _dense(rules, f"{ours}/mlp/fc1", (f"{hf}.fc1",), _linear, c.mlp_bias)
             _dense(rules, f"{ours}/mlp/fc2", (f"{hf}.fc2",), _linear, c.mlp_bias)
@@ -132,10 +158,10 @@ def weight_rules(config: ModelConfig) -> dict[str, Rule]:
         else:
             hf = f"model.layers.{i}"
             qkv = tuple(f"{hf}.self_attn.{p}_proj" for p in "qkv")
-            _dense(rules, f"{ours}/attn/qkv_proj", qkv, _linear, c.qkv_bias)
+            _dense(rules, f"{ours}/attn/qkv_proj", qkv, _linear, c.qkv_bias, qkv_layout)
             _dense(rules, f"{ours}/attn/o_proj", (f"{hf}.self_attn.o_proj",), _linear, c.out_bias)
             gate_up = (f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj")
-            _dense(rules, f"{ours}/mlp/gate_up_proj", gate_up, _linear, c.mlp_bias)
+            _dense(rules, f"{ours}/mlp/gate_up_proj", gate_up, _linear, c.mlp_bias, _pairs)
             _dense(rules, f"{ours}/mlp/down_proj", (f"{hf}.mlp.down_proj",), _linear, c.mlp_bias)
             _norm(rules, f"{ours}/attn_norm", f"{hf}.input_layernorm", c)
             _norm(rules, f"{ours}/mlp_norm", f"{hf}.post_attention_layernorm", c)
@@ -157,8 +183,10 @@ def weight_rules(config: ModelConfig) -> dict[str, Rule]:
     return rules
 
 
-def load_params(checkpoint: Checkpoint, config: ModelConfig, expected: dict, dtype) -> dict:
-    """Build every parameter by its rule, checking it against `expected` (path -> shape)."""
+def load_params(checkpoint: Checkpoint, config: ModelConfig, expected: dict, dtype, place=None) -> dict:
+    """Build every parameter by its rule, checking it against `expected` (path -> shape).
+    place(path, array) -> array puts each one where it lives as soon as it is built (tensor
+    parallelism: its shards on their devices); by default it stays where it was read."""
     rules = weight_rules(config)
     assert set(rules) == set(expected), sorted(set(rules) ^ set(expected))
     flat = {}
@@ -171,5 +199,6 @@ def load_params(checkpoint: Checkpoint, config: ModelConfig, expected: dict, dty
             sources = ", ".join(checkpoint.where(k) + f" {tuple(checkpoint.get(k).shape)}" for k in keys)
             raise ValueError(f"shape mismatch: {sources} give {tuple(value.shape)} for {path}, "
                              f"but config.json implies {tuple(expected[path])}")
-        flat[tuple(path.split("/"))] = value.astype(dtype)
+        value = value.astype(dtype)
+        flat[tuple(path.split("/"))] = place(path, value) if place else value
     return traverse_util.unflatten_dict(flat)

@@ -25,6 +25,7 @@ import numpy as np
 
 from tqdm import tqdm
 
+from paged_jax import parallel
 from paged_jax.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
 from paged_jax.compilation import Executables
 from paged_jax.models import Model
@@ -76,7 +77,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.eos_token_ids = eos_token_ids
-        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype)
+        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype) if model.mesh is None \
+            else parallel.init_kv_cache(model.config, num_blocks, block_size, model.dtype, model.mesh)
         shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
         self.swap_space = [(np.zeros(shape, model.dtype), np.zeros(shape, model.dtype)) for _ in self.kv_cache]
         self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
@@ -140,6 +142,8 @@ class ModelRunner:
         def make():
             batch = SamplingBatch(**_empty_batch(bucket.num_seqs))
             logits = jnp.zeros((bucket.num_seqs, vocab), jnp.float32)
+            if self.model.mesh is not None:  # as the forward pass returns them: replicated on the mesh
+                logits = jax.device_put(logits, parallel.replicated(self.model.mesh))
             for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
                 sample(logits, batch, flags).tokens.block_until_ready()
             return forward.lower(*args).compile()
@@ -347,7 +351,8 @@ def _empty_batch(num_rows: int) -> dict[str, np.ndarray]:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes, dtypes and shardings (tensor parallel: the executables take the sharded arrays)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _bucket_of(key) -> Bucket:

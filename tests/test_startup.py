@@ -81,6 +81,16 @@ def test_serving_during_background_compiles_gives_the_same_tokens_and_never_comp
     assert runs[True] == runs[False]
 
 
+def test_auto_dtype_computes_half_precision_checkpoints_in_float32_on_a_cpu():
+    from test_default_model import MODEL_DIR  # stored in bfloat16
+
+    import jax.numpy as jnp
+    from paged_jax import LLM
+
+    assert LLM(str(MODEL_DIR), warm_up=False).engine.model.dtype == jnp.float32
+    assert LLM(str(MODEL_DIR), warm_up=False, dtype="bfloat16").engine.model.dtype == jnp.bfloat16
+
+
 def test_start_up_says_what_it_is_doing(checkpoint):
     records = []
     handler = logging.Handler()

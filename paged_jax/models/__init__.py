@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ class Model:
     params: dict
     dtype: jnp.dtype
     forward: Callable
+    mesh: Any = None  # a jax.sharding.Mesh when tensor parallel (parallel.py); None: one device
 
 
 def make_forward(module: CausalLM) -> Callable:

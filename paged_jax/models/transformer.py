@@ -7,7 +7,10 @@ prompt, a prompt chunk, one decode token), writes their K/V into their cache slo
 attends to its whole cached context through the chosen kernel backend.
 
 Parameter layout, shared by the loader: q/k/v are one fused `qkv_proj` and Llama's gate/up
-one `gate_up_proj`, so each is a single matrix product.
+one `gate_up_proj`, so each is a single matrix product. Their output columns are grouped so
+that any contiguous split of them is a split by heads (tensor parallelism, parallel.py):
+qkv_proj's by KV head, each with its query heads then its k and v
+([kv_heads, group + 2, head_dim]), gate_up_proj's as (gate, up) pairs ([intermediate, 2]).
 """
 
 from __future__ import annotations
@@ -72,12 +75,12 @@ class Attention(nn.Module):
     def __call__(self, x, positions, kv, meta: AttentionMetadata):
         c = self.config
         num_tokens = x.shape[0]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        qkv = nn.Dense(q_size + 2 * kv_size, use_bias=c.qkv_bias, param_dtype=self.param_dtype,
-                       name="qkv_proj")(x)
-        q = qkv[:, :q_size].reshape(num_tokens, c.num_heads, c.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = qkv[:, q_size + kv_size :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        q_size, group = c.num_heads * c.head_dim, c.num_heads // c.num_kv_heads
+        qkv = nn.Dense(c.num_kv_heads * (group + 2) * c.head_dim, use_bias=c.qkv_bias,
+                       param_dtype=self.param_dtype, name="qkv_proj")(x)
+        qkv = qkv.reshape(num_tokens, c.num_kv_heads, group + 2, c.head_dim)  # per KV head: q..., k, v
+        q = qkv[:, :, :group].reshape(num_tokens, c.num_heads, c.head_dim)
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]  # [T, Hkv, D]
         if not c.learned_positions:
             inv_freq = c.rope_inv_freq()
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -101,8 +104,8 @@ class MLP(nn.Module):
         act = ACTIVATION_FNS[c.activation]
         dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, param_dtype=self.param_dtype, name=name)  # noqa: E731
         if c.gated_mlp:
-            gate, up = jnp.split(dense(2 * c.intermediate_size, "gate_up_proj")(x), 2, axis=-1)
-            hidden = act(gate) * up
+            pairs = dense(2 * c.intermediate_size, "gate_up_proj")(x).reshape(-1, c.intermediate_size, 2)
+            hidden = act(pairs[..., 0]) * pairs[..., 1]  # (gate, up) pairs
         else:
             hidden = act(dense(c.intermediate_size, "fc1")(x))
         return dense(c.hidden_size, "down_proj" if c.gated_mlp else "fc2")(hidden)
@@ -142,7 +145,8 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.embed_dim or c.hidden_size, param_dtype=self.param_dtype,
+        vocab = c.padded_vocab_size or c.vocab_size  # padded: a multiple of the devices it is split over
+        embed = nn.Embed(vocab, c.embed_dim or c.hidden_size, param_dtype=self.param_dtype,
                          name="embed")
         x = embed(tokens)
         if c.embed_dim:
@@ -164,5 +168,5 @@ class CausalLM(nn.Module):
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, param_dtype=self.param_dtype, name="lm_head")(x)
-        return logits.astype(jnp.float32), tuple(new_cache)
+            logits = nn.Dense(vocab, use_bias=False, param_dtype=self.param_dtype, name="lm_head")(x)
+        return logits[:, : c.vocab_size].astype(jnp.float32), tuple(new_cache)
