@@ -1,5 +1,6 @@
 """paged-jax: vLLM's PagedAttention serving system in JAX."""
 
+from paged_jax.async_engine import AsyncLLMEngine
 from paged_jax.beam_search import BeamSearchParams
 from paged_jax.config import ModelConfig
 from paged_jax.engine import EngineArgs, LLMEngine
@@ -13,6 +14,7 @@ from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 __all__ = [
     "LLM",
     "LLMEngine",
+    "AsyncLLMEngine",
     "EngineArgs",
     "SamplingParams",
     "BeamSearchParams",

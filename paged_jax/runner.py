@@ -1,9 +1,10 @@
 """The model runner: turns a scheduled step into one jitted model call and one sampler call.
 
 Every step is padded to a bucket so that a small, fixed set of shapes is compiled ahead of
-time at warm-up: decode-only steps to a number of sequences from 1, 2, 3, 4, 6, 8, 12, ...
-(one token each), other steps to a power-of-two number of tokens (sequences up to
-min(tokens, max_num_seqs)).
+time: decode-only steps to a number of sequences from 1, 2, 3, 4, 6, 8, 12, ... (one token
+each), other steps to a power-of-two number of tokens and 4, 16, 64, ... sequences (up to
+min(tokens, max_num_seqs)). The largest of each kind is compiled before serving, the others
+on a background thread (compilation.py); a step pads to the smallest ready bucket that fits.
 A shape outside the warm-up set is a bug: it is compiled, counted and logged as an error.
 
 The KV cache lives here, on the device, donated into every step and returned. Swapped-out
@@ -50,6 +51,12 @@ def _buckets(low: int, high: int, *, halves: bool = False) -> list[int]:
     return sorted(s for s in sizes if s < high) + [high]
 
 
+def _seq_buckets(high: int) -> list[int]:
+    """Sequence counts of the mixed buckets with up to `high` sequences: 4, 16, 64, ... below
+    it, and high."""
+    return [s for s in (4 ** i for i in range(1, high.bit_length())) if s < high] + [high]
+
+
 @dataclass(frozen=True)
 class Bucket:
     num_tokens: int
@@ -82,8 +89,12 @@ class ModelRunner:
         shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
         self.swap_space = [(np.zeros(shape, model.dtype), np.zeros(shape, model.dtype)) for _ in self.kv_cache]
         self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
-        self.mixed_buckets = [Bucket(t, min(t, max_num_seqs), False)
-                              for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)]
+        # Mixed steps pad tokens and sequences apart: a lone prompt in a bucket sized for many
+        # sequences pays for their attention tiles and logits rows (a 30-token prompt of the
+        # embedded model: 16 ms with 32 sequence slots, 4 ms with 1).
+        self.mixed_buckets = [Bucket(t, s, False)
+                              for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
+                              for s in _seq_buckets(min(t, max_num_seqs))]
         # Bucket (one step) or (Bucket, steps, flags) (decode loop) -> executable
         self.executables = Executables()
         self._decode_loop = jax.jit(functools.partial(_decode_loop, model.module, block_size),
@@ -141,9 +152,10 @@ class ModelRunner:
 
         def make():
             batch = SamplingBatch(**_empty_batch(bucket.num_seqs))
-            logits = jnp.zeros((bucket.num_seqs, vocab), jnp.float32)
-            if self.model.mesh is not None:  # as the forward pass returns them: replicated on the mesh
-                logits = jax.device_put(logits, parallel.replicated(self.model.mesh))
+            # Placed as the forward pass returns them (replicated on a tensor-parallel mesh): jit
+            # keys its cache on where arguments live, so a warm-up elsewhere would warm nothing.
+            placement = jax.devices()[0] if self.model.mesh is None else parallel.replicated(self.model.mesh)
+            logits = jax.device_put(jnp.zeros((bucket.num_seqs, vocab), jnp.float32), placement)
             for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
                 sample(logits, batch, flags).tokens.block_until_ready()
             return forward.lower(*args).compile()
@@ -241,12 +253,14 @@ class ModelRunner:
                 return []
             if fan_out:
                 logits = _take_rows(logits, logit_rows)
-            sampled = jax.tree.map(lambda x: x[None], sample(logits, batch, flags))  # one step of k
+            sampled = sample(logits, batch, flags)
         self.num_steps += num_steps
         self.num_calls += 1
         start = time.perf_counter()
-        result = jax.device_get(sampled)  # [steps, rows, ...]
+        result = jax.device_get(sampled)  # [steps, rows, ...], or [rows, ...] after one step
         self.device_wait += time.perf_counter() - start
+        if num_steps == 1:
+            result = jax.tree.map(lambda x: x[None], result)  # numpy: no device op
         return [self._results(result, row, chunk) for row, (chunk, _) in placed]
 
     @staticmethod
