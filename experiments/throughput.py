@@ -7,9 +7,9 @@ All run the same random Llama-shaped checkpoint (saved once with transformers) a
 requests: prompts of random tokens, each with its own output length (ignore_eos, as vLLM's
 throughput benchmark does), sampled at temperature 1. Hugging Face's static batches are padded
 to their longest prompt and run until their longest output is done; every batch size tried is
-reported and the best is the baseline. Output tokens/s counts only requested tokens. Ours runs
-several times after its warm-up (the machine is shared and noisy): the median is compared,
-the spread shown.
+reported and the best is the baseline. Output tokens/s counts only requested tokens. The
+machine is shared and noisy: every peer's run is timed between two of ours and compared with
+them, over several rounds; medians are compared, spreads shown.
 
 Two roofline fractions: ours against the model's matmuls alone at batch 48 (the fastest
 decode batch this workload has; its later steps run smaller batches, so this bound is out of
@@ -25,6 +25,7 @@ experiments/results/throughput_<device>.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -46,32 +47,47 @@ GPU = dict(model=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layer
            roofline_batch=256)
 
 
-def run_ours(path: Path, prompts, requests, sizes, scheduler_steps: int, runs: int) -> dict:
-    start = time.perf_counter()
-    llm = LLM(str(path), max_model_len=sizes["max_model_len"], max_num_seqs=sizes["max_num_seqs"], seed=0,
-              num_scheduler_steps=scheduler_steps, background_compile=False)
-    warm_up = time.perf_counter() - start
-    params = [SamplingParams(temperature=1.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-    seconds = []
-    for run in range(runs):
-        with step_profile.recording(llm.engine.runner) as calls:
+class Ours:
+    """Our engine on the workload: every step shape compiled first, then one timed run per call
+    (the last run's device calls recorded for the profile)."""
+
+    def __init__(self, path: Path, prompts, requests, sizes, scheduler_steps: int):
+        start = time.perf_counter()
+        self.llm = LLM(str(path), max_model_len=sizes["max_model_len"], max_num_seqs=sizes["max_num_seqs"], seed=0,
+                       num_scheduler_steps=scheduler_steps, background_compile=False)
+        self.warm_up = time.perf_counter() - start
+        self.params = [SamplingParams(temperature=1.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+        self.inputs = [{"prompt_token_ids": p} for p in prompts]
+        self.lengths = [r.output_len for r in requests]
+        self.calls, self.seconds = [], []
+
+    def __call__(self) -> float:
+        with step_profile.recording(self.llm.engine.runner) as self.calls:
             start = time.perf_counter()
-            outputs = llm.generate(inputs, params, use_tqdm=False)
-            seconds.append(time.perf_counter() - start)
-        assert [len(o.outputs[0].token_ids) for o in outputs] == [r.output_len for r in requests]
-    profile = step_profile.profile(llm.engine.model, llm.engine.runner, calls, seconds[-1],
-                                   llm.stats()["host_overhead"])
-    roofline = step_profile.matmul_rate(llm.engine.model, sizes["roofline_batch"])
-    return dict(seconds=seconds, warm_up=warm_up, stats=llm.stats(), profile=profile, roofline=roofline)
+            outputs = self.llm.generate(self.inputs, self.params, use_tqdm=False)
+            self.seconds.append(time.perf_counter() - start)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == self.lengths
+        return self.seconds[-1]
+
+    def profile(self) -> dict:
+        engine = self.llm.engine
+        return step_profile.profile(engine.model, engine.runner, self.calls, self.seconds[-1],
+                                    self.llm.stats()["host_overhead"])
 
 
-def run_hf(path: Path, prompts, requests, batch_size: int, dtype: str) -> float:
+def hf_model(path: Path, dtype: str, **kwargs):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def hf_static(model, prompts, requests, batch_size: int) -> float:
+    """Hugging Face `generate` over fixed batches, each padded to its longest prompt and run to
+    its longest output. Seconds."""
+    import torch
+
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch, wanted = prompts[i : i + batch_size], requests[i : i + batch_size]
@@ -85,15 +101,12 @@ def run_hf(path: Path, prompts, requests, batch_size: int, dtype: str) -> float:
     return time.perf_counter() - start
 
 
-def run_hf_continuous(path: Path, prompts, requests, dtype: str) -> float:
-    """Hugging Face's continuous batching (paged KV cache, its own scheduler): every request
-    is queued with its own max_new_tokens, as ours are, and all results are awaited."""
-    import torch
+def hf_continuous(model, prompts, requests) -> float:
+    """Hugging Face's continuous batching (`generate_batch`'s manager: a paged KV cache and its
+    own scheduler): every request queued with its own max_new_tokens, as ours are, and all
+    results awaited. Seconds."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                              attn_implementation="paged|sdpa")
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     config = transformers.GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
                                            pad_token_id=0, max_new_tokens=max(r.output_len for r in requests))
     start = time.perf_counter()
@@ -115,52 +128,87 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, help="number of requests (default: 48 on CPU, 1000 on GPU)")
     parser.add_argument("--scheduler-steps", type=int, default=8, help="num_scheduler_steps (decode steps per loop)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs of ours (the median is compared)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every system, interleaved with ours")
     args = parser.parse_args(argv)
     sizes = GPU if jax.default_backend() == "gpu" else CPU
     requests = sample_requests(SHAREGPT, args.requests or sizes["requests"], max_model_len=sizes["max_model_len"])
     prompts = prompt_token_ids(requests, sizes["model"]["vocab_size"])
     out_tokens = sum(r.output_len for r in requests)
     all_tokens = out_tokens + sum(r.prompt_len for r in requests)
+    timeline: list[tuple[str, float]] = []  # every timed run, in order: each peer's between two of ours
+
+    def timed(name: str, run) -> float:
+        timeline.append((name, run()))
+        return timeline[-1][1]
+
     with tempfile.TemporaryDirectory() as tmp:
         path, num_params = random_llama_checkpoint(sizes["model"], Path(tmp), sizes["dtype"])
-        ours = run_ours(path, prompts, requests, sizes, args.scheduler_steps, args.runs)
-        hf = {b: run_hf(path, prompts, requests, b, sizes["dtype"]) for b in sizes["hf_batches"]}
-        hf_continuous = run_hf_continuous(path, prompts, requests, sizes["dtype"])
-    ours_seconds = statistics.median(ours["seconds"])
+        ours = Ours(path, prompts, requests, sizes, args.scheduler_steps)
+        static_model = hf_model(path, sizes["dtype"])
+        continuous_model = hf_model(path, sizes["dtype"], attn_implementation="paged|sdpa")
+        static = {b: functools.partial(hf_static, static_model, prompts, requests, b) for b in sizes["hf_batches"]}
+        continuous = functools.partial(hf_continuous, continuous_model, prompts, requests)
+        timed("ours", ours)
+        for batch, run in static.items():
+            timed(f"static {batch}", run)
+            timed("ours", ours)
+        best = min(static, key=lambda b: next(s for n, s in timeline if n == f"static {b}"))
+        for _ in range(args.rounds):
+            if _:
+                timed(f"static {best}", static[best])
+                timed("ours", ours)
+            timed("continuous", continuous)
+            timed("ours", ours)
+        profile = ours.profile()
+        roofline = step_profile.matmul_rate(ours.llm.engine.model, sizes["roofline_batch"])
 
-    def row(name, seconds, spread=""):
-        return [name, f"{seconds:.2f}{spread}", f"{len(requests) / seconds:.2f}", f"{out_tokens / seconds:.0f}",
-                f"{all_tokens / seconds:.0f}"]
+    def seconds_of(name: str) -> list[float]:
+        return [s for n, s in timeline if n == name]
 
-    best = min(hf, key=hf.get)
-    spread = f" ({min(ours['seconds']):.2f}-{max(ours['seconds']):.2f})"
-    rows = [row(f"paged-jax, median of {args.runs}", ours_seconds, spread)]
-    rows += [row(f"HF generate, static batch {b}", s) for b, s in hf.items()]
-    rows += [row("HF generate_batch (continuous batching)", hf_continuous)]
-    stats, p = ours["stats"], ours["profile"]
-    ours_rate = out_tokens / ours_seconds
-    schedule_fraction = p["roofline"] / p["wall"]
+    def paired(name: str) -> list[float]:
+        """Each run of a peer over the mean of our runs just before and after it."""
+        return [s / ((timeline[i - 1][1] + timeline[i + 1][1]) / 2) for i, (n, s) in enumerate(timeline) if n == name]
+
+    names = {"ours": "paged-jax", **{f"static {b}": f"HF generate, static batch {b}" for b in static},
+             "continuous": "HF generate_batch (continuous batching)"}
+    rows = []
+    for name, label in names.items():
+        runs = seconds_of(name)
+        median = statistics.median(runs)
+        rows.append([label, len(runs), f"{median:.2f} ({min(runs):.2f}-{max(runs):.2f})",
+                     f"{out_tokens / median:.0f}", f"{all_tokens / median:.0f}"])
+    over_static, over_continuous = paired(f"static {best}"), paired("continuous")
+    ours_rate = out_tokens / statistics.median(seconds_of("ours"))
+    stats, p = ours.llm.stats(), profile
+
+    def ratio(values: list[float]) -> str:
+        return f"**{statistics.median(values):.2f}x** (runs {min(values):.2f}-{max(values):.2f}x)"
+
     body = (
         f"Random Llama-shaped model, {num_params / 1e6:.1f}M parameters, {sizes['dtype']}; "
         f"{describe(SHAREGPT, requests, sizes['max_model_len'])}. Sampling at temperature 1, ignore_eos; "
-        f"paged-jax with num_scheduler_steps={args.scheduler_steps}.\n\n"
-        + markdown_table(["system", "seconds", "requests/s", "output tokens/s", "total tokens/s"], rows)
-        + f"\n\n- paged-jax over HF static batching (best batch, {best}): **{hf[best] / ours_seconds:.2f}x** "
-        f"output tokens/s (target >= 5x)"
-        + f"\n- paged-jax over HF continuous batching: **{hf_continuous / ours_seconds:.2f}x** (target >= 10x)"
-        + f"\n- roofline, the model's matmuls alone at batch {sizes['roofline_batch']}: {ours['roofline']:.0f} "
-        f"tokens/s; paged-jax's output tokens/s are **{100 * ours_rate / ours['roofline']:.0f}%** of it"
-        + f"\n- roofline of this run's schedule (the matmuls of the steps it took, at their real token counts): "
-        f"{1e3 * p['roofline']:.0f} ms of its {1e3 * p['wall']:.0f} ms: **{100 * schedule_fraction:.0f}%** "
+        f"paged-jax with num_scheduler_steps={args.scheduler_steps}. Every peer's run sits between two of ours "
+        "(order: ours, each static batch, then rounds of the best static batch and continuous batching), "
+        "and each speed-up is its time over the mean of those two: the machine is shared and its load "
+        "drifts.\n\n"
+        + markdown_table(["system", "runs", "seconds, median (range)", "output tokens/s", "total tokens/s"], rows)
+        + f"\n\n- paged-jax over HF static batching (best batch, {best}): {ratio(over_static)} output tokens/s "
+        f"(target >= 5x)"
+        + f"\n- paged-jax over HF continuous batching: {ratio(over_continuous)} (target >= 10x)"
+        + f"\n- roofline, the model's matmuls alone at batch {sizes['roofline_batch']}: {roofline:.0f} tokens/s; "
+        f"paged-jax's output tokens/s are **{100 * ours_rate / roofline:.0f}%** of it (out of reach on this "
+        f"workload: after its first steps the batch shrinks as requests finish)"
+        + f"\n- roofline of the last run's schedule (the matmuls of the steps it took, at their real token "
+        f"counts): {1e3 * p['roofline']:.0f} ms of its {1e3 * p['wall']:.0f} ms: **{100 * p['roofline'] / p['wall']:.0f}%** "
         f"(target >= 50%)"
         + f"\n- paged-jax warm-up (every step shape compiled before the runs, not counted above): "
-        f"{ours['warm_up']:.1f} s"
+        f"{ours.warm_up:.1f} s"
         + f"\n- {p['device_calls']} device calls, {p['device_steps']} model steps, {p['real_tokens']} tokens "
         f"computed in {p['bucket_tokens']} bucket slots; preemptions {stats['num_preemptions']}, "
         f"compiles after warm-up {stats['compiles_after_warmup']}"
         + "\n\nWhere the last run's time goes (its device calls replayed piece by piece, "
-        "experiments/step_profile.py):\n\n"
+        "experiments/step_profile.py; a negative row is a piece that costs less inside the compiled step "
+        "than alone):\n\n"
         + markdown_table(["component", "ms", "share of wall"], step_profile.breakdown_rows(p))
     )
     report(f"throughput_{device_slug()}", "Offline throughput vs Hugging Face", body)
