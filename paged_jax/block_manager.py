@@ -104,7 +104,7 @@ class BlockManager:
                  enable_prefix_caching: bool = False, enable_block_sharing: bool = True):
         if enable_prefix_caching and not enable_block_sharing:
             raise ValueError("enable_prefix_caching shares blocks across requests; it needs enable_block_sharing")
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.local_devices(backend="cpu")[0]  # this process's (jax.distributed: devices span hosts)
         self.block_size = block_size
         self.device_pool = BlockPool(num_blocks, cpu)
         self.swap_pool = BlockPool(num_swap_blocks, cpu) if num_swap_blocks else None

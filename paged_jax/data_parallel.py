@@ -4,8 +4,8 @@ Each engine is a whole LLMEngine (its own scheduler, allocator, KV cache, tensor
 over its T devices); the front sends each new request to the least-loaded engine and steps
 the busy engines together, one thread each, so their devices compute at the same time (a
 step spends most of its time in XLA, which releases the GIL). The front has LLMEngine's
-request interface (add_request / step / abort_request / has_unfinished_requests), so `LLM`
-drives it as it drives one engine.
+request interface (add_request / step / abort_request / has_unfinished_requests) and the
+attributes the server reads, so `LLM` and the server drive it as they drive one engine.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import jax
 
@@ -31,6 +32,8 @@ class DataParallelEngine:
         args.validate()
         tp, dp = args.tensor_parallel_size, args.data_parallel_size
         parallel.check_sizes(read_config(args.model), tp, dp)
+        if jax.process_count() > 1:
+            parallel.check_multi_process(args)
         devices = jax.devices()
         single = dataclasses.replace(args, data_parallel_size=1)
         self.args = args
@@ -45,6 +48,24 @@ class DataParallelEngine:
     def groups(self) -> collections.ChainMap:
         """Unfinished requests of every engine, by request id."""
         return collections.ChainMap(*(e.groups for e in self.engines))
+
+    @property
+    def scheduler(self) -> SimpleNamespace:
+        """The queues and counters of every engine's scheduler together (what the server's
+        metrics read)."""
+        s = [e.scheduler for e in self.engines]
+        return SimpleNamespace(
+            running=[g for x in s for g in x.running], waiting=[g for x in s for g in x.waiting],
+            swapped=[g for x in s for g in x.swapped], num_preemptions=sum(x.num_preemptions for x in s),
+            num_prompt_tokens=sum(x.num_prompt_tokens for x in s),
+            num_cached_prompt_tokens=sum(x.num_cached_prompt_tokens for x in s))
+
+    @property
+    def block_manager(self) -> SimpleNamespace:
+        """Blocks of every engine's cache together."""
+        managers = [e.block_manager for e in self.engines]
+        return SimpleNamespace(num_blocks=sum(m.num_blocks for m in managers),
+                               num_free_blocks=sum(m.num_free_blocks for m in managers))
 
     def load(self, engine: LLMEngine) -> tuple[int, int]:
         """(unfinished requests, tokens they still hold or will compute): the least is

@@ -131,12 +131,14 @@ class LLMEngine:
         args.validate()
         configure_logging()
         start = time.perf_counter()
+        if jax.process_count() > 1:  # every process schedules alike (parallel.py): no timing-dependent shapes
+            args = dataclasses.replace(args, background_compile=False)
         self.args = args
         cache_dir = configure_persistent_cache(args.compilation_cache)
         self.mesh = parallel.engine_mesh(args, devices)
         dtype = _compute_dtype(args.dtype, args.model)
         self.model: Model = load_model(args.model, dtype=dtype, attention_backend=args.attention_backend) \
-            if self.mesh is None else parallel.load_model(args.model, self.mesh, dtype=args.dtype,
+            if self.mesh is None else parallel.load_model(args.model, self.mesh, dtype=dtype,
                                                            attention_backend=args.attention_backend)
         config = self.model.config
         tokenizer_dir = Path(args.tokenizer or args.model)

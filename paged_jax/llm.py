@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 from typing import Sequence as Seq
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from paged_jax.beam_search import BeamSearchParams
@@ -67,7 +72,9 @@ class LLM:
                 self.engine.add_request(request_id, prompt, request_params)
             except ValueError as error:
                 results[request_id] = _failed(request_id, prompt, str(error))
-        with tqdm(total=len(order), desc=desc, disable=not use_tqdm) as bar:
+        with _peers_alive(), tqdm(total=len(order), desc=desc, disable=not use_tqdm) as bar:
+            if jax.process_count() > 1:
+                _check_same_everywhere(prompts, params)
             bar.update(len(results))
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
@@ -78,6 +85,38 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+
+@contextlib.contextmanager
+def _peers_alive():
+    """Under jax.distributed, a collective that fails means a peer process died or left: say
+    so. (A dead peer's connections close, so the collective fails at once; a peer that hangs
+    is declared dead by the coordination service after jax.distributed.initialize's
+    heartbeat_timeout_seconds, and the survivors terminate.)"""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        raise _peer_failure(error) from error
+
+
+def _peer_failure(error: Exception) -> RuntimeError:
+    return RuntimeError(f"process {jax.process_index()} of {jax.process_count()}: a collective failed, so a peer "
+                        f"process has died or left the jax.distributed job ({error})")
+
+
+def _check_same_everywhere(prompts, params) -> None:
+    """Under jax.distributed every process runs this same call (SPMD) and, from the same
+    requests, schedules the same steps; different arguments would make them diverge (wrong
+    outputs or a hang), so they are compared first, one small collective per call."""
+    digest = hashlib.sha256(repr((list(prompts), list(params))).encode()).digest()
+    try:
+        multihost_utils.assert_equal(np.frombuffer(digest, np.uint32),
+                                     "LLM.generate was called with different prompts or parameters in different "
+                                     "processes; under jax.distributed every process makes the same call")
+    except ValueError as error:  # the gather itself failed (different arguments raise AssertionError)
+        raise _peer_failure(error) from error
 
 
 def _failed(request_id: str, prompt, error: str) -> RequestOutput:

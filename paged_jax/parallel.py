@@ -13,6 +13,14 @@ scheduler are global and know nothing of devices.
 What does not divide is made to divide: the intermediate size and the vocabulary are padded
 with zeros to a multiple of T (zero rows and columns add nothing; padded logits are cut off),
 and KV heads are replicated when T does not divide them (vLLM's rule), see `kv_layout`.
+
+Across hosts (after `jax.distributed.initialize`) the mesh spans the processes' devices and
+every process runs the whole engine on the same requests (SPMD). No step is broadcast: the
+scheduler is deterministic, the requests are the same everywhere (LLM.generate checks) and the
+sampled tokens come from replicated logits, so every process makes the same decisions. A
+broadcast from process 0 would cost a collective per step for a description every process
+can compute; what is not deterministic (background compilation, whose shapes become ready at
+different times) is turned off instead.
 """
 
 from __future__ import annotations
@@ -57,14 +65,14 @@ _GATED_MLP = _COMMON + (  # Llama, Mistral, Qwen2: down(act(gate) * up)
 # Everything else (norms, biases added after a row-parallel product, position tables,
 # OPT-350m's projections) is replicated.
 RULES: dict[str, tuple[tuple[str, P], ...]] = {"gpt2": _DENSE_MLP, "opt": _DENSE_MLP, "llama": _GATED_MLP}
-REPLICATED_VOCAB = (r"^embed/embedding$", r"^lm_head/kernel$")
+VOCABULARY = (r"^embed/embedding$", r"^lm_head/kernel$")  # split; replicated with vocab_parallel=False
 
 
 def partition_spec(family: str, path: str, vocab_parallel: bool = True) -> P:
     """The PartitionSpec of one parameter ('layers_0/attn/qkv_proj/kernel')."""
     for pattern, spec in RULES[family]:
         if re.search(pattern, path):
-            if not vocab_parallel and any(re.search(v, path) for v in REPLICATED_VOCAB):
+            if not vocab_parallel and any(re.search(v, path) for v in VOCABULARY):
                 return P()
             # A 1-d bias of a column-parallel product is split like the kernel's columns.
             return P(TP) if path.endswith("bias") else spec
@@ -151,6 +159,8 @@ def engine_mesh(args, devices=None) -> Mesh | None:
     if devices is None and tp == dp == 1:
         return None
     check_sizes(read_config(args.model), tp, dp)
+    if jax.process_count() > 1:
+        check_multi_process(args)
     if devices is None:
         if dp > 1:
             raise ValueError("data_parallel_size > 1 runs one engine per device group behind the "
@@ -159,6 +169,18 @@ def engine_mesh(args, devices=None) -> Mesh | None:
     if len(devices) != tp:
         raise ValueError(f"an engine with tensor_parallel_size {tp} was given {len(devices)} devices")
     return make_mesh(devices)
+
+
+def check_multi_process(args) -> None:
+    """What runs across processes (jax.distributed): every process runs the same engine on
+    the same requests and takes the same scheduling decisions (see the README's Scale-out).
+    Swapping reads pages back to the host, which would need each process's shards; data
+    parallelism would need each process to drive only its own engines."""
+    if args.preemption_mode == "swap":
+        raise ValueError("preemption_mode='swap' runs in one process only; use 'recompute' under jax.distributed")
+    if args.data_parallel_size > 1:
+        raise ValueError("data_parallel_size > 1 runs in one process only; under jax.distributed use "
+                         "tensor_parallel_size over the processes' devices")
 
 
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
@@ -186,9 +208,11 @@ def load_model(path: str | Path, mesh: Mesh, *, dtype="auto", attention_backend:
             value = expand_kv_heads(value, config, sharded.num_kv_heads)
         value = _pad_to(value, shapes[name])
         sharding = NamedSharding(mesh, partition_spec(config.family, name, vocab_parallel))
-        return jax.device_put(value, sharding)
+        host = np.asarray(value)
+        # Each process places the shards of its own devices (jax.distributed: the mesh spans hosts).
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    with jax.default_device(jax.devices("cpu")[0]):  # host copies, one tensor at a time
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # host copies, one tensor at a time
         params = load_params(Checkpoint(path), config, param_shapes(config, dtype), dtype, place=place)
     module = CausalLM(sharded, shard_backend(get_backend(attention_backend), mesh), param_dtype=dtype)
     return Model(config=sharded, module=module, params=params, dtype=dtype, forward=make_forward(module, mesh),

@@ -23,6 +23,7 @@ import uvicorn
 from paged_jax.api_server import DEFAULT_MAX_BODY_BYTES, ServerConfig, build_app
 from paged_jax.async_engine import AsyncLLMEngine
 from paged_jax.chat_template import load_chat_template
+from paged_jax.data_parallel import DataParallelEngine
 from paged_jax.engine import BATCHING, MEMORY_MANAGERS, PREEMPTION_MODES, EngineArgs, LLMEngine
 from paged_jax.metrics import ServingMetrics
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paged-jax serve: {error}", file=sys.stderr)
         return 2
     logger.info("loading %s and compiling its steps", model)
-    engine = LLMEngine(settings)
+    engine = LLMEngine(settings) if settings.data_parallel_size == 1 else DataParallelEngine(settings)
     metrics = ServingMetrics(names[0], lambda: async_engine.snapshot)  # scraped only once the app runs
     async_engine = AsyncLLMEngine(engine, on_output=metrics.on_output, on_finish_early=metrics.on_finish_early)
     config = ServerConfig(served_model_names=names, model_path=model, api_key=args.api_key or os.environ.get(API_KEY_ENV),

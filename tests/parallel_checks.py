@@ -158,12 +158,39 @@ def data_parallel(root: Path, out: dict) -> None:
         out[f"dp/{tp}/devices"] = [sorted(d.id for d in e.mesh.devices.flat) for e in engines]
         out[f"dp/{tp}/requests_per_engine"] = [e.scheduler.num_prompt_tokens > 0 for e in engines]
         out[f"dp/{tp}/unfinished"] = llm.engine.has_unfinished_requests()
+    out["dp/server"] = served_by_async_engine(llm.engine, prompts[:3])
+    out["dp/server_expected"] = expected[:3]
     for kwargs in (dict(tensor_parallel_size=4, data_parallel_size=2), dict(tensor_parallel_size=3)):
         try:
             make_llm(path, **kwargs)
             out[f"error/{kwargs}"] = None
         except ValueError as error:
             out[f"error/{kwargs}"] = str(error)
+
+
+def served_by_async_engine(front, prompts) -> dict:
+    """The server's engine loop (AsyncLLMEngine) over the data-parallel front."""
+    import asyncio
+
+    from paged_jax import AsyncLLMEngine
+
+    server = AsyncLLMEngine(front)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def one(i, prompt):
+        async for output in server.generate({"prompt_token_ids": prompt}, params, f"r{i}"):
+            final = output
+        return final.outputs[0].token_ids
+
+    async def run():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    try:
+        outputs = asyncio.run(run())
+        snapshot = server.snapshot
+        return {"outputs": outputs, "num_blocks": snapshot.num_blocks, "num_free_blocks": snapshot.num_free_blocks}
+    finally:
+        server.shutdown()
 
 
 def main() -> None:

@@ -94,6 +94,12 @@ def test_data_parallel_engines_serve_every_request_in_input_order(checks, tp):
     assert not checks[f"dp/{tp}/unfinished"]
 
 
+def test_the_server_engine_loop_drives_the_data_parallel_front(checks):
+    served = checks["dp/server"]
+    assert served["outputs"] == checks["dp/server_expected"]
+    assert served["num_free_blocks"] == served["num_blocks"] == 2 * 128  # both engines' caches, all free again
+
+
 def test_sizes_that_cannot_work_fail_clearly(checks):
     assert "8 devices, but only 4" in checks["error/{'tensor_parallel_size': 4, 'data_parallel_size': 2}"]
     assert "does not divide the model's 4 attention heads" in checks["error/{'tensor_parallel_size': 3}"]
