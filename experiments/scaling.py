@@ -97,8 +97,8 @@ def table(rows: list[dict], simulated: bool, budget_mib: float | None, seq_len: 
         ["T", "vocabulary", "KV bytes / block / device", "blocks", f"max batch ({seq_len}-token seqs)",
          "params MiB / device", "decode step ms", "decode all-reduce KiB", "decode all-gather KiB",
          "prefill step ms", "prefill all-reduce KiB", "other collectives"],
-        [[r["tp"], r["vocab"] if r["tp"] > 1 else "-", r["kv_bytes_per_block"], r["blocks"], r["max_batch"], f"{r['param_mib']:.1f}",
-          f"{r['decode_ms']:.1f}", kib(r["decode_all_reduce"]), kib(r["decode_all_gather"]), f"{r['prefill_ms']:.1f}",
+        [[r["tp"], r["vocab"] if r["tp"] > 1 else "-", r["kv_bytes_per_block"], r["blocks"], r["max_batch"],
+          f"{r['param_mib']:.1f}", f"{r['decode_ms']:.1f}", kib(r["decode_all_reduce"]), kib(r["decode_all_gather"]), f"{r['prefill_ms']:.1f}",
           kib(r["prefill_all_reduce"]), r["decode_other"] + r["prefill_other"]] for r in rows])
     layers = MODEL["num_hidden_layers"]
     notes = [
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if _needs_simulated_devices(max(args.tp)):
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FORCE}={max(args.tp)}".strip()}
-        sys.exit(subprocess.run([sys.executable, "-m", "experiments.scaling", *(argv or sys.argv[1:])], env=env).returncode)
+        child = subprocess.run([sys.executable, "-m", "experiments.scaling", *(argv or sys.argv[1:])], env=env)
+        sys.exit(child.returncode)
 
     import jax
 

@@ -105,8 +105,12 @@ def memory_and_compiles(root: Path, out: dict) -> None:
                    max_num_seqs=4, max_num_batched_tokens=32, num_scheduler_steps=4)
     generate_ids(llm, PROMPTS)  # first use of the helpers outside the step shapes (as on one device)
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+
+    def count(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
     before = llm.engine.runner.kv_cache[0][0]
     again = generate_ids(llm, PROMPTS)
     out["compile/after_warmup"] = llm.stats()["compiles_after_warmup"]
