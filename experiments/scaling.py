@@ -118,8 +118,9 @@ def table(rows: list[dict], simulated: bool, budget_mib: float | None, seq_len: 
     if simulated:
         notes.append("**Simulated devices**: the T devices are XLA host-platform devices sharing this machine's "
                      "CPU cores, so T > 1 is not expected to be faster here; step times show the cost of "
-                     "partitioning and collectives on one machine, not a multi-device speed-up. Memory, capacity "
-                     "and bytes moved are what T real devices would have.")
+                     "partitioning and collectives on one machine, not a multi-device speed-up, and they vary by "
+                     "tens of percent between runs on this shared machine. Memory, capacity and bytes moved are "
+                     "exact: what T real devices would have.")
     return body + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
