@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -33,8 +34,6 @@ def device_slug() -> str:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -148,6 +147,8 @@ def write_result(name: str, title: str, body: str) -> Path:
         f"- machine: {device_kind()}\n"
         f"- date: {datetime.date.today().isoformat()}\n"
         f"- jax {jax.__version__}, python {platform.python_version()}\n"
+        f"- machine load when written (1 / 5 / 15-minute averages, {_cpu_count()} cores): "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
         f"- command: `{command}`\n\n"
     )
     path.write_text(header + body + "\n")

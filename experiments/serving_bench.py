@@ -5,7 +5,10 @@ and end-to-end latency (mean, median, p99) per rate.
 
 The same workload runs against our server (`python -m paged_jax.serve`) and Hugging Face's
 own (`transformers serve --continuous-batching`), each started here on the same model,
-context and machine, one after the other (never both at once: they would share the cores).
+context and machine. Both stay up and take turns, rate by rate, the first to go alternating:
+the machine's load drifts, and one system measured wholly after the other would carry the
+drift. The idle server's CPU seconds during the other's turn are recorded (`idle_cpu_s`): it
+must stay near zero, or the turns would share the cores.
 Both generate every request's full output length: ignore_eos for ours, an unreachable
 eos_token_id (`generation_config`) for transformers; the client checks the token counts.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -245,16 +249,22 @@ class Server:
             pass
 
 
-def bench(url: str, system: str, model_name: str, prompts, rates, seed: int) -> list[dict]:
-    # Warm-up as vLLM's benchmark does it (a test request), four at once: not measured.
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def warm(url: str, system: str, model_name: str, prompts, seed: int) -> None:
+    """Warm-up as vLLM's benchmark does it (a test request), four at once: not measured."""
     asyncio.run(run_rate(url, system, model_name, prompts[:4], float("inf"), seed))
-    rows = []
-    for rate in rates:
-        row = asyncio.run(run_rate(url, system, model_name, prompts, rate, seed))
-        print(f"{system} rate {rate}: {row['completed']}/{row['num_requests']} done in {row['duration_s']:.1f} s, "
-              f"{row['output_throughput']:.0f} tok/s, median TTFT {row['ttft_ms']['median']} ms", flush=True)
-        rows.append(row)
-    return rows
+
+
+def bench_rate(url: str, system: str, model_name: str, prompts, rate: float, seed: int) -> dict:
+    row = asyncio.run(run_rate(url, system, model_name, prompts, rate, seed))
+    print(f"{system} rate {rate}: {row['completed']}/{row['num_requests']} done in {row['duration_s']:.1f} s, "
+          f"{row['output_throughput']:.0f} tok/s, median TTFT {row['ttft_ms']['median']} ms", flush=True)
+    return row
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -262,7 +272,8 @@ def bench(url: str, system: str, model_name: str, prompts, rates, seed: int) -> 
 
 def table(data: dict) -> str:
     header = ["system", "rate (req/s)", "done", "req/s", "output tok/s", "TTFT mean / median / p99 (ms)",
-              "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "E2E mean / median / p99 (ms)"]
+              "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "E2E mean / median / p99 (ms)",
+              "idle server's CPU (s)"]
 
     def three(s):
         return " / ".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("mean", "median", "p99"))
@@ -272,7 +283,8 @@ def table(data: dict) -> str:
         for r in run.get("rates", []):
             rows.append([system, f"{r['rate']:g}", f"{r['completed']}/{r['num_requests']}",
                          f"{r['request_throughput']:.2f}", f"{r['output_throughput']:.0f}", three(r["ttft_ms"]),
-                         three(r["tpot_ms"]), three(r["itl_ms"]), three(r["e2el_ms"])])
+                         three(r["tpot_ms"]), three(r["itl_ms"]), three(r["e2el_ms"]),
+                         f"{r['idle_cpu_s']:.2f}" if "idle_cpu_s" in r else "-"])
     lines = [data["workload"], "", markdown_table(header, rows), ""]
     for system, run in data["systems"].items():
         if run.get("error"):
@@ -356,22 +368,35 @@ def main(argv: list[str] | None = None) -> dict:
                          f"cut from standard-library source; Poisson arrivals; greedy, every request generating "
                          f"its max_tokens; streamed."), "systems": {}}
     if args.base_url:
+        warm(args.base_url, "paged-jax", model_name, prompts, args.seed)
         data["systems"][args.name] = {"command": ["(already running)", args.base_url], "startup_seconds": 0.0,
-                                      "rates": bench(args.base_url, "paged-jax", model_name, prompts, args.rates,
-                                                     args.seed)}
-    for system in ([] if args.base_url else args.systems):
-        log = Path(tempfile.gettempdir()) / f"serving_bench_{system}.log"
-        try:
-            extra = args.server_args if system == "paged-jax" else []
-            with Server(system, args.model, args.max_model_len, args.dtype, log, extra) as server:
-                rates = bench(server.url, system, model_name, prompts, args.rates, args.seed)
+                                      "rates": [bench_rate(args.base_url, "paged-jax", model_name, prompts, rate,
+                                                           args.seed) for rate in args.rates]}
+    # Both servers stay up and take turns, rate by rate (the first to go alternates): the
+    # machine's load drifts, and one system measured after the other would carry the drift.
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for system in ([] if args.base_url else args.systems):
+            log = Path(tempfile.gettempdir()) / f"serving_bench_{system}.log"
+            try:
+                extra = args.server_args if system == "paged-jax" else []
+                server = stack.enter_context(Server(system, args.model, args.max_model_len, args.dtype, log, extra))
+                warm(server.url, system, model_name, prompts, args.seed)
+                servers[system] = server
                 data["systems"][system] = {"command": ["python" if system == "paged-jax" else "transformers",
                                                        *server.command[1:]],
-                                           "startup_seconds": server.startup_seconds, "rates": rates}
-        except (RuntimeError, OSError) as error:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-            data["systems"][system] = {"error": f"{error} {' | '.join(tail)}"[:600]}
-            print(f"{system}: {data['systems'][system]['error']}", file=sys.stderr)
+                                           "startup_seconds": server.startup_seconds, "rates": []}
+            except (RuntimeError, OSError) as error:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                data["systems"][system] = {"error": f"{error} {' | '.join(tail)}"[:600]}
+                print(f"{system}: {data['systems'][system]['error']}", file=sys.stderr)
+        for i, rate in enumerate(args.rates):
+            for system in list(servers)[:: 1 if i % 2 == 0 else -1]:
+                others = [servers[o].process.pid for o in servers if o != system]
+                before = sum(map(_cpu_seconds, others))
+                row = bench_rate(servers[system].url, system, model_name, prompts, rate, args.seed)
+                row["idle_cpu_s"] = round(sum(map(_cpu_seconds, others)) - before, 2)
+                data["systems"][system]["rates"].append(row)
     name = args.output or f"serving_{device_slug()}"
     body = table(data)
     print(body)
