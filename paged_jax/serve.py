@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
+from paged_jax import multihost
 from paged_jax.api_server import DEFAULT_MAX_BODY_BYTES, ServerConfig, build_app
 from paged_jax.async_engine import AsyncLLMEngine
 from paged_jax.chat_template import load_chat_template
@@ -54,6 +55,11 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(parser.add_argument_group("engine (EngineArgs)"))
+    hosts = parser.add_argument_group("several hosts (jax.distributed): every process runs this command; "
+                                      "process 0 serves HTTP, the others follow")
+    hosts.add_argument("--coordinator-address", default=None, help="process 0's HOST:PORT for jax.distributed")
+    hosts.add_argument("--num-processes", type=int, default=1)
+    hosts.add_argument("--process-id", type=int, default=0)
     return parser
 
 
@@ -105,8 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"paged-jax serve: {error}", file=sys.stderr)
         return 2
+    if args.coordinator_address:
+        multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
     logger.info("loading %s and compiling its steps", model)
     engine = LLMEngine(settings) if settings.data_parallel_size == 1 else DataParallelEngine(settings)
+    if args.coordinator_address:
+        if args.process_id != 0:
+            print(f"paged-jax: process {args.process_id} follows process 0", flush=True)
+            try:
+                multihost.follow(engine)
+            except RuntimeError as error:
+                print(f"paged-jax serve: {error}", file=sys.stderr, flush=True)
+                return 1
+            return 0
+        engine = multihost.Leader(engine)
     metrics = ServingMetrics(names[0], lambda: async_engine.snapshot)  # scraped only once the app runs
     async_engine = AsyncLLMEngine(engine, on_output=metrics.on_output, on_finish_early=metrics.on_finish_early)
     config = ServerConfig(served_model_names=names, model_path=model, api_key=args.api_key or os.environ.get(API_KEY_ENV),
@@ -119,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     finally:
         async_engine.shutdown()
+        if args.coordinator_address:
+            engine.close()
     return 0
 
 
