@@ -68,8 +68,8 @@ class DataParallelEngine:
                                num_free_blocks=sum(m.num_free_blocks for m in managers))
 
     def load(self, engine: LLMEngine) -> tuple[int, int]:
-        """(unfinished requests, tokens they still hold or will compute): the least is
-        the least loaded."""
+        """(unfinished requests, tokens of their unfinished sequences): the least is the
+        least loaded."""
         tokens = sum(seq.num_tokens for group in engine.groups.values() for seq in group.seqs if not seq.finished)
         return len(engine.groups), tokens
 
