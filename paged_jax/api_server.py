@@ -15,6 +15,7 @@ final text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import importlib.metadata
 import logging
@@ -406,7 +407,7 @@ class OpenAIServing:
         job = await self.start(f"cmpl-{uuid.uuid4().hex}", prompts, params, arrival)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(self._stream_completion(job, body, include_usage))
+            return _sse(self._ended(job, self._stream_completion(job, body, include_usage)))
         outputs = await self.finals(job, request)
         choices, completion_tokens = [], 0
         for i, (prompt, output) in enumerate(zip(prompts, outputs)):
@@ -450,44 +451,51 @@ class OpenAIServing:
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else f"<{token}>"
 
+    async def _ended(self, job: _Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Every stream's end: a failed request's error event, the abort that frees a dropped
+        client's blocks (a no-op for a finished stream), then [DONE]."""
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        except RequestFailedError as error:
+            yield _event(ErrorResponse(error=ErrorInfo(message=str(error), type="server_error")))
+        finally:
+            self.abort(job)
+        yield "data: [DONE]\n\n"
+
     async def _stream_completion(self, job: _Request, body: CompletionRequest,
                                  include_usage: bool) -> AsyncIterator[str]:
         n = job.params.n
         states = {(i, k): _ChoiceState() for i in range(len(job.prompts)) for k in range(n)}
         holdback = max((len(s) for s in job.params.stop_strings), default=1) - 1
         completion_tokens = 0
-        try:
-            async for i, output in _merge(job.streams):
-                for c in output.outputs:
-                    state = states[(i, c.index)]
-                    if state.finished:
-                        continue
-                    text, start = _new_text(c, state, holdback)
-                    new_tokens = len(c.token_ids) - state.tokens
-                    echo = job.prompts[i] if body.echo and not state.started else None
-                    if not (text or c.finish_reason or echo or (new_tokens and body.logprobs is not None)):
-                        continue
-                    state.started = True
-                    if echo is not None:
-                        text = (echo.text or "") + text
-                    logprobs = self.completion_logprobs(c, state.tokens, len(c.token_ids), body.logprobs, echo, start) \
-                        if body.logprobs is not None else None
-                    state.tokens, state.finished = len(c.token_ids), c.finish_reason is not None
-                    if state.finished:
-                        completion_tokens += len(c.token_ids)
-                    choice = CompletionChoice(index=i * n + c.index, text=text, logprobs=logprobs,
-                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                    yield _event(CompletionStreamResponse(id=job.request_id, created=job.created,
-                                                          model=self.config.model_name, choices=[choice]))
-            if include_usage:
+        async for i, output in _merge(job.streams):
+            for c in output.outputs:
+                state = states[(i, c.index)]
+                if state.finished:
+                    continue
+                text, start = _new_text(c, state, holdback)
+                new_tokens = len(c.token_ids) - state.tokens
+                echo = job.prompts[i] if body.echo and not state.started else None
+                if not (text or c.finish_reason or echo or (new_tokens and body.logprobs is not None)):
+                    continue
+                state.started = True
+                if echo is not None:
+                    text = (echo.text or "") + text
+                logprobs = self.completion_logprobs(c, state.tokens, len(c.token_ids), body.logprobs, echo, start) \
+                    if body.logprobs is not None else None
+                state.tokens, state.finished = len(c.token_ids), c.finish_reason is not None
+                if state.finished:
+                    completion_tokens += len(c.token_ids)
+                choice = CompletionChoice(index=i * n + c.index, text=text, logprobs=logprobs,
+                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                 yield _event(CompletionStreamResponse(id=job.request_id, created=job.created,
-                                                      model=self.config.model_name, choices=[],
-                                                      usage=_usage(job.prompts, completion_tokens)))
-        except RequestFailedError as error:
-            yield _event(ErrorResponse(error=ErrorInfo(message=str(error), type="server_error")))
-        finally:
-            self.abort(job)  # a no-op for finished streams; frees the blocks of a dropped client
-        yield "data: [DONE]\n\n"
+                                                      model=self.config.model_name, choices=[choice]))
+        if include_usage:
+            yield _event(CompletionStreamResponse(id=job.request_id, created=job.created,
+                                                  model=self.config.model_name, choices=[],
+                                                  usage=_usage(job.prompts, completion_tokens)))
 
     # -- chat ------------------------------------------------------------------------------------------
 
@@ -533,7 +541,7 @@ class OpenAIServing:
         top = body.top_logprobs or 0
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(self._stream_chat(job, body.logprobs, top, include_usage))
+            return _sse(self._ended(job, self._stream_chat(job, body.logprobs, top, include_usage)))
         output = (await self.finals(job, request))[0]
         choices = [ChatChoice(index=c.index, message=ResponseMessage(content=c.text),
                               logprobs=self.chat_logprobs(c, 0, top) if body.logprobs else None,
@@ -562,33 +570,27 @@ class OpenAIServing:
             return _event(ChatCompletionStreamResponse(id=job.request_id, created=job.created,
                                                        model=self.config.model_name, choices=[choice]))
 
-        try:
-            for k in range(job.params.n):  # the role first, as OpenAI sends it
-                yield chunk(ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content="")))
-            async for _, output in _merge(job.streams):
-                for c in output.outputs:
-                    state = states[c.index]
-                    if state.finished:
-                        continue
-                    text, _ = _new_text(c, state, holdback)
-                    new_tokens = len(c.token_ids) - state.tokens
-                    if not text and not c.finish_reason and not (logprobs and new_tokens):
-                        continue
-                    lp = self.chat_logprobs(c, state.tokens, top) if logprobs else None
-                    state.tokens, state.finished = len(c.token_ids), c.finish_reason is not None
-                    if state.finished:
-                        completion_tokens += len(c.token_ids)
-                    yield chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text), logprobs=lp,
-                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            if include_usage:
-                yield _event(ChatCompletionStreamResponse(id=job.request_id, created=job.created,
-                                                          model=self.config.model_name, choices=[],
-                                                          usage=_usage(job.prompts, completion_tokens)))
-        except RequestFailedError as error:
-            yield _event(ErrorResponse(error=ErrorInfo(message=str(error), type="server_error")))
-        finally:
-            self.abort(job)
-        yield "data: [DONE]\n\n"
+        for k in range(job.params.n):  # the role first, as OpenAI sends it
+            yield chunk(ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content="")))
+        async for _, output in _merge(job.streams):
+            for c in output.outputs:
+                state = states[c.index]
+                if state.finished:
+                    continue
+                text, _ = _new_text(c, state, holdback)
+                new_tokens = len(c.token_ids) - state.tokens
+                if not text and not c.finish_reason and not (logprobs and new_tokens):
+                    continue
+                lp = self.chat_logprobs(c, state.tokens, top) if logprobs else None
+                state.tokens, state.finished = len(c.token_ids), c.finish_reason is not None
+                if state.finished:
+                    completion_tokens += len(c.token_ids)
+                yield chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text), logprobs=lp,
+                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        if include_usage:
+            yield _event(ChatCompletionStreamResponse(id=job.request_id, created=job.created,
+                                                      model=self.config.model_name, choices=[],
+                                                      usage=_usage(job.prompts, completion_tokens)))
 
 
 # -- helpers ---------------------------------------------------------------------------------------------

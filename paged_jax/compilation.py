@@ -71,7 +71,6 @@ jax.monitoring.register_event_listener(_count_cache_hit)
 class CompileStats:
     compiled: int = 0  # executables built (from the cache or by compiling)
     from_cache: int = 0  # of which loaded from the persistent cache
-    seconds: float = 0.0  # spent building them, in any thread
 
 
 class Executables:
@@ -95,16 +94,19 @@ class Executables:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._ready
 
+    def known(self, key: Hashable) -> bool:
+        """Ready, or queued for the background thread."""
+        return key in self._ready or key in self._queued
+
     def build(self, key: Hashable, make: Callable[[], Callable]) -> Callable:
         """make() lowers and compiles (or warms a jit cache and returns its callable)."""
         if key in self._ready:
             return self._ready[key]
-        hits, start = getattr(_local, "hits", 0), time.perf_counter()
+        hits = getattr(_local, "hits", 0)
         executable = make()
         with self._lock:
             self.stats.compiled += 1
             self.stats.from_cache += getattr(_local, "hits", 0) > hits
-            self.stats.seconds += time.perf_counter() - start
             self._ready[key] = executable
             self._queued.discard(key)
         return executable

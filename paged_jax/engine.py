@@ -40,8 +40,8 @@ from paged_jax.sequence import Sequence, SequenceGroup
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-CPU_KV_CACHE_BYTES = 1 << 30
-STEP_LOG_LENGTH = 100_000  # engine.step_log keeps the latest steps, between half this and this  # the cache budget where there is no accelerator memory to measure
+CPU_KV_CACHE_BYTES = 1 << 30  # the cache budget where there is no accelerator memory to measure
+STEP_LOG_LENGTH = 100_000  # engine.step_log keeps the latest steps, between half this and this
 PREEMPTION_MODES = ("recompute", "swap")
 MEMORY_MANAGERS = ("paged",) + tuple(f"orca-{policy}" for policy in POLICIES)
 BATCHING = ("continuous", "static")

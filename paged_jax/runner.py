@@ -216,16 +216,18 @@ class ModelRunner:
         # then the rows are packed and take their chunk's logits by index.
         fan_out = len(rows) > sum(c.samples for c in chunks)
         flags = _sampler_flags(rows) if rows else None
-        bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
         if num_steps > 1:
             assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
             flags = flags._replace(sample=True)  # greedy rows are handled too: one loop variant fewer
             loop_key = lambda b: (b, num_steps, flags)  # noqa: E731
             bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=loop_key)
             if loop_key(bucket) not in self.executables and self.warmed_up and flags != LOOP_FLAGS:
-                smallest = self._fitting(0, len(chunks), True)[0]
-                self.executables.queue([self._loop_task(smallest, num_steps, flags)])
+                wanted = loop_key(self._fitting(0, len(chunks), True)[0])
+                if not self.executables.known(wanted):
+                    self.executables.queue([self._loop_task(*wanted)])
                 return self.execute(dataclasses.replace(out, swap_in=[], swap_out=[], copies=[]), rows)
+        else:
+            bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
         tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
                                                            for c in chunks), np.int32, count=out.num_tokens)
         tokens, positions, meta = self._inputs(

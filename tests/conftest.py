@@ -35,3 +35,15 @@ def checkpoint(tmp_path_factory):
         return made[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama_with_tokenizer(checkpoint, tmp_path_factory):
+    """The tiny llama checkpoint with a tokenizer beside it: text prompts and detokenised output."""
+    import shutil
+
+    from hf_checkpoints import save_tokenizer
+
+    directory = tmp_path_factory.mktemp("llama_with_tokenizer")
+    shutil.copytree(checkpoint("llama"), directory, dirs_exist_ok=True)
+    return save_tokenizer(directory)

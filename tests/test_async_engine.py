@@ -5,10 +5,8 @@ Every wait is bounded by asyncio.wait_for."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
-from hf_checkpoints import save_tokenizer
 
 from paged_jax import LLM, SamplingParams
 from paged_jax.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
@@ -21,21 +19,15 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def model_dir(checkpoint, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama_async")
-    shutil.copytree(checkpoint("llama"), directory, dirs_exist_ok=True)
-    return save_tokenizer(directory)
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    llm = LLM(str(model_dir), **SETTINGS)
+def reference(llama_with_tokenizer):
+    llm = LLM(str(llama_with_tokenizer), **SETTINGS)
     return [o.outputs[0].text for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    engine = AsyncLLMEngine(LLM(str(model_dir), **SETTINGS).engine)  # one for the module: it compiles once
+def engine(llama_with_tokenizer):
+    # one for the module: it compiles once
+    engine = AsyncLLMEngine(LLM(str(llama_with_tokenizer), **SETTINGS).engine)
     yield engine
     engine.shutdown()
 
@@ -142,8 +134,8 @@ def test_a_step_that_raises_fails_its_requests_and_the_loop_carries_on(engine, r
     assert engine.is_running
 
 
-def test_after_shutdown_requests_are_refused(model_dir):
-    engine = AsyncLLMEngine(LLM(str(model_dir), **SETTINGS).engine)
+def test_after_shutdown_requests_are_refused(llama_with_tokenizer):
+    engine = AsyncLLMEngine(LLM(str(llama_with_tokenizer), **SETTINGS).engine)
     engine.shutdown()
 
     async def main():

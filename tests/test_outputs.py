@@ -8,22 +8,15 @@ import shutil
 
 import pytest
 import torch
-from hf_checkpoints import load_reference, save_tokenizer
+from hf_checkpoints import load_reference
 
 from paged_jax import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def llm_dir(checkpoint, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama_with_tokenizer")
-    shutil.copytree(checkpoint("llama"), directory, dirs_exist_ok=True)
-    return save_tokenizer(directory)
-
-
-@pytest.fixture(scope="module")
-def llm(llm_dir):
-    return LLM(str(llm_dir), max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_gpu_blocks_override=96,
-               attention_backend="xla", warm_up=False)
+def llm(llama_with_tokenizer):
+    return LLM(str(llama_with_tokenizer), max_num_seqs=4, max_num_batched_tokens=64, block_size=4,
+               num_gpu_blocks_override=96, attention_backend="xla", warm_up=False)
 
 
 PROMPT = "the quick brown fox"
@@ -68,11 +61,12 @@ def test_stop_token_ids_and_min_tokens(llm):
     assert len(late.token_ids) >= first + 3
 
 
-def test_logprobs_are_the_models_and_add_up(llm, llm_dir):
+def test_logprobs_are_the_models_and_add_up(llm, llama_with_tokenizer):
     out = complete(llm, max_tokens=6, ignore_eos=True, logprobs=3)
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
     with torch.no_grad():
-        logits = load_reference(llm_dir)(torch.tensor([prompt_ids + out.token_ids])).logits[0].double()
+        reference = load_reference(llama_with_tokenizer)
+        logits = reference(torch.tensor([prompt_ids + out.token_ids])).logits[0].double()
     log_probs = torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1 : -1].numpy()
     assert len(out.logprobs) == 6
     for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
@@ -87,10 +81,10 @@ def test_logprobs_are_the_models_and_add_up(llm, llm_dir):
     assert [list(e.values())[0].rank for e in only_chosen.logprobs] == [1, 1]  # full-vocabulary rank
 
 
-def test_eos_stops_unless_ignored(llm, llm_dir, tmp_path):
+def test_eos_stops_unless_ignored(llm, llama_with_tokenizer, tmp_path):
     full = complete(llm, max_tokens=12, ignore_eos=True)
     eos = full.token_ids[3]  # declare a token the model emits to be its end of sequence
-    shutil.copytree(llm_dir, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(llama_with_tokenizer, tmp_path, dirs_exist_ok=True)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 99]}))
     llm_eos = LLM(str(tmp_path), max_num_seqs=4, max_num_batched_tokens=64, block_size=4,
                   num_gpu_blocks_override=96, attention_backend="xla", warm_up=False)
