@@ -1,11 +1,11 @@
-# Two commands on a fresh machine: `make test` and `make run`.
+# Two commands on a fresh machine: `make test` and `make run`; `make notebooks` re-executes the notebooks.
 # Both create or refresh .venv from pyproject.toml; the stamp makes a second call instant.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test run setup clean
+.PHONY: test run notebooks setup clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --quick
+
+# Execute every notebook in place at the quick size, reading back the figures `make run` measured.
+notebooks: $(STAMP)
+	$(BIN)/python -m experiments.notebooks --size quick
 
 clean:
 	rm -rf $(VENV)

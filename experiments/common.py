@@ -96,9 +96,25 @@ def run_figure(module, size: str, **options) -> dict:
     reproduce.py call these; options are the module's boolean flags (simulate=True runs are
     published as <NAME>_simulated)."""
     data = module.measure(size, **options)
-    name = module.NAME + ("_simulated" if options.get("simulate") else "")
-    publish(result_name(name, size, module.DEFAULT_SIZE), module.TITLE, module.table(data), data, module.plot(data))
+    publish(result_name(figure_label(module, options), size, module.DEFAULT_SIZE), module.TITLE, module.table(data),
+            data, module.plot(data))
     return data
+
+
+def figure_label(module, options: dict) -> str:
+    """The results name of a figure module's run with these options, before device and size."""
+    return module.NAME + ("_simulated" if options.get("simulate") else "")
+
+
+def load_or_measure(module, size: str, **options) -> dict:
+    """A figure's data at a size: read back from results/<name>.json when a run at that size
+    on this device left one (`make run` measures every figure, so a notebook shows its
+    numbers without measuring again), else measured and published by run_figure. The tiny
+    size, the tests' smoke run, always measures."""
+    path = RESULTS / f"{result_name(figure_label(module, options), size, module.DEFAULT_SIZE)}.json"
+    if size != "tiny" and path.is_file():
+        return json.loads(path.read_text())
+    return run_figure(module, size, **options)
 
 
 def figure_main(module, argv: list[str] | None = None, flags: dict[str, str] | None = None) -> dict:
@@ -114,25 +130,31 @@ def figure_main(module, argv: list[str] | None = None, flags: dict[str, str] | N
 def publish(name: str, title: str, body: str, data: dict, figure=None) -> Path:
     """A figure's results: the table (printed and written to results/<name>.md), its data as
     results/<name>.json (what notebooks and reproduce.py read back) and the plot as
-    results/<name>.png."""
+    results/<name>.png. The figure is closed once saved: a notebook shows a plot where it
+    draws it, not where it publishes it too."""
     path = report(name, title, body)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     if figure is not None:
+        import matplotlib.pyplot as plt
+
         figure.savefig(RESULTS / f"{name}.png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
     return path
 
 
-def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
-    """A matplotlib figure and its axes, drawn off screen (Agg) unless a notebook chose a
-    backend; the caller adds a suptitle."""
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6, nrows: int = 1,
+               height_ratios: list[float] | None = None):
+    """A matplotlib figure and its axes (row by row), drawn off screen (Agg) unless a notebook
+    chose a backend; the caller adds a suptitle. height is the height of all rows together."""
     import matplotlib
 
     if "inline" not in matplotlib.get_backend():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height), squeeze=False,
+                             gridspec_kw=dict(height_ratios=height_ratios))
+    return fig, list(axes.flat)
 
 
 def write_result(name: str, title: str, body: str) -> Path:

@@ -28,6 +28,7 @@ from paged_jax.beam_search import BeamSearch, BeamSearchParams, Continuation, ch
 from paged_jax.block_manager import BlockManager, make_block_manager
 from paged_jax.cache import kv_cache_bytes_per_block
 from paged_jax.compilation import configure_persistent_cache
+from paged_jax.kv_snapshot import KVSnapshot, take_snapshot
 from paged_jax.logger import configure as configure_logging
 from paged_jax.loader import read_config
 from paged_jax.models import Model, load_model
@@ -471,6 +472,11 @@ class LLMEngine:
             "executables_from_cache": self.runner.executables.stats.from_cache,
             "executables_pending": self.runner.executables.pending,
         }
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """The paged KV cache as it stands between steps: each block's references and owners,
+        each live sequence's block table (kv_snapshot.py). Reads; changes nothing."""
+        return take_snapshot(self.runner.num_steps, self.scheduler, self.block_manager)
 
     def wait_for_compiles(self, timeout: float | None = None) -> bool:
         """Block until the background compile thread is done (every step shape ready): what

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from paged_jax.beam_search import BeamSearchParams
 from paged_jax.data_parallel import DataParallelEngine
 from paged_jax.engine import EngineArgs, LLMEngine
+from paged_jax.kv_snapshot import KVSnapshot
 from paged_jax.outputs import BeamSearchOutput, BeamSearchSequence, RequestMetrics, RequestOutput
 from paged_jax.sampling import SamplingParams
 
@@ -85,6 +86,13 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """The paged KV cache between steps (LLMEngine.kv_snapshot): step `llm.engine` to watch
+        it work. With data_parallel_size > 1 each engine has its own cache."""
+        if isinstance(self.engine, DataParallelEngine):
+            raise ValueError("data_parallel_size > 1: one cache per engine, llm.engine.engines[i].kv_snapshot()")
+        return self.engine.kv_snapshot()
 
 
 @contextlib.contextmanager
