@@ -23,6 +23,7 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -103,10 +104,15 @@ class ServingRun:
 
 
 class EngineServer:
-    """Real execution: our engine serving the trace, each step timed on the wall clock."""
+    """Real execution: our engine serving the trace, each step timed on the wall clock, or
+    with clock (a StepRecord -> seconds function, e.g. a cost model fitted to this machine) on
+    a modelled one: the engine still decides and computes every step, but what a step costs no
+    longer depends on what else the machine was running: with the same model, a run repeats
+    exactly."""
 
-    def __init__(self, engine: LLMEngine, requests: list[Request], seed: int = 0):
-        self.engine, self.requests = engine, requests
+    def __init__(self, engine: LLMEngine, requests: list[Request], seed: int = 0,
+                 clock: Callable[[StepRecord], float] | None = None):
+        self.engine, self.requests, self.clock = engine, requests, clock
         self.prompts = prompt_token_ids(requests, engine.model.config.vocab_size, seed)
         self.first_log, self.first_preemptions = len(engine.step_log), engine.scheduler.num_preemptions
         self.static = engine.args.batching == "static"
@@ -121,11 +127,12 @@ class EngineServer:
         return self.engine.has_unfinished_requests()
 
     def step(self) -> tuple[float, list[tuple[int, float]]]:
-        """Seconds the step took (as the engine timed it); (request, when its batch started) for
-        each that finished."""
+        """Seconds the step took (as the engine timed it, or on the modelled clock); (request,
+        when its batch started) for each that finished."""
         outputs = self.engine.step()
-        return self.engine.step_log[-1].seconds, [(int(o.request_id), o.metrics.first_scheduled_time)
-                                                  for o in outputs if o.finished]
+        record = self.engine.step_log[-1]
+        return (self.clock(record) if self.clock else record.seconds), [
+            (int(o.request_id), o.metrics.first_scheduled_time) for o in outputs if o.finished]
 
     def log(self) -> list[StepRecord]:
         return self.engine.step_log[self.first_log:]
