@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from experiments import request_rate
 from experiments.common import figure_main, markdown_table, new_figure
 
@@ -68,18 +70,23 @@ def table(data: dict) -> str:
 
 
 def plot(data: dict):
+    """Ours and the paper's breakdown side by side for each system (the paper's hatched; for
+    our paged engine it gives only the token states), the legend outside the bars."""
     shares = breakdown(data)
     systems = [s for s in SYSTEMS if s in shares]
-    fig, (ax,) = new_figure()
-    bottom = [0.0] * len(systems)
-    for kind, label in zip(KINDS, LABELS):
-        values = [100 * shares[s][kind] for s in systems]
-        ax.bar(systems, values, bottom=bottom, label=label)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.scatter(systems, [PAPER[s][0] for s in systems], color="black", marker="_", s=400, zorder=3,
-               label="paper: token states")
+    fig, (ax,) = new_figure(width=6.4)
+    x = np.arange(len(systems))
+    ours_bottom, paper_bottom = np.zeros(len(systems)), np.zeros(len(systems))
+    for i, (kind, label) in enumerate(zip(KINDS, LABELS)):
+        ours = np.array([100 * shares[s][kind] for s in systems])
+        paper = np.array([PAPER[s][i] or 0.0 for s in systems])
+        ax.bar(x - 0.2, ours, 0.38, bottom=ours_bottom, color=f"C{i}", label=label)
+        ax.bar(x + 0.2, paper, 0.38, bottom=paper_bottom, color=f"C{i}", alpha=0.45, hatch="//", edgecolor="white")
+        ours_bottom, paper_bottom = ours_bottom + ours, paper_bottom + paper
+    ax.set_xticks(x, [f"{s}\nours | paper" for s in systems], fontsize=8)
     ax.set(ylabel="% of KV cache", ylim=(0, 100))
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="solid: ours\nhatched: paper",
+              title_fontsize=7)
     fig.suptitle(f"KV cache usage (Fig. 2); {data['mode']}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -8,8 +8,12 @@ log-rate axis): the knee the paper reads off its plots. The paper's ratios: 1.7-
 (Oracle), 2.7-8x Orca (Max), up to 22x FasterTransformer; OPT-13B batches 2.2x the requests
 of Oracle and 4.3x those of Max (Fig. 13a).
 
-At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the simulator
-(experiments/simulator.py): the same scheduler and memory managers, modelled step times.
+By real execution the engine serves every trace, timed on a clock modelled from this
+machine's own steps (calibrate): on a shared CPU, wall-clock steps swing with the other
+processes' load, and two such runs had put the mean-batch ratios at 1.1x / 1.4x and 0.7x /
+0.8x. At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the
+simulator (experiments/simulator.py): the same scheduler and memory managers, modelled step
+times.
 
 Run `python -m experiments.request_rate [--size tiny|quick|full] [--simulate]`; results go to
 experiments/results/request_rate[_simulated]_<device>[_<size>].{md,json,png}.
@@ -18,6 +22,7 @@ experiments/results/request_rate[_simulated]_<device>[_<size>].{md,json,png}.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import numpy as np
@@ -27,6 +32,7 @@ from experiments.common import device_kind, figure_main, markdown_table, new_fig
 from experiments.serving import SYSTEMS, EngineServer, Setup, default_setup, make_engine, serve
 from experiments.simulator import A100_OPT13B, CostModel, Scale, simulate
 from experiments.workloads import DATASETS, describe, sample_requests
+from paged_jax.engine import LLMEngine, StepRecord
 
 LIMIT = 4.0  # sustainable: normalized latency within 4x the unloaded one
 PAPER_RATIOS = {"orca-oracle": "1.7-2.7x", "orca-pow2": "-", "orca-max": "2.7-8x", "static": "up to 22x"}
@@ -38,8 +44,8 @@ DEFAULT_SIZE = "quick"  # the reference run: its results file carries no size su
 SIZES = {
     "tiny": dict(datasets=("sharegpt",), systems=("paged-jax", "orca-max"), rates=(4.0, 32.0), requests=8,
                  warm_up=False),
-    "quick": dict(datasets=("sharegpt",), systems=tuple(SYSTEMS), rates=(2.0, 4.0, 8.0, 16.0, 32.0), requests=60,
-                  warm_up=True),
+    "quick": dict(datasets=("sharegpt",), systems=("paged-jax", "orca-oracle", "orca-max", "static"),
+                  rates=(4.0, 16.0, 32.0, 64.0), requests=100, warm_up=True),
     "full": dict(datasets=("sharegpt", "alpaca"), systems=tuple(SYSTEMS),
                  rates=(1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0), requests=200, warm_up=True),
 }
@@ -56,30 +62,54 @@ SIMULATED_SIZES = {
 
 def measure(size: str | dict = DEFAULT_SIZE, simulate: bool = False) -> dict:
     """Real execution: serve every (dataset, rate) trace with every system, one engine per
-    system; or with simulate, simulate_paper_scale. size: a name in SIZES or a dict like its
-    values. The paged engine's steps also calibrate the simulator's cost model, reported next
-    to the results."""
+    system, on a clock that this machine calibrates (calibrate); or with simulate,
+    simulate_paper_scale. size: a name in SIZES or a dict like its values."""
     if simulate:
         return simulate_paper_scale(size)
     config, setup = SIZES[size] if isinstance(size, str) else size, default_setup()
     traces = {(d, r): sample_requests(DATASETS[d], config["requests"], max_model_len=setup.max_model_len, seed=1,
                                       rate=r)
               for d in config["datasets"] for r in config["rates"]}
-    runs, cost = [], None
+    ours, rates = make_engine("paged-jax", setup, warm_up=config["warm_up"]), config["rates"]
+    cost, error = calibrate(ours, *(traces[config["datasets"][0], r] for r in (rates[0], rates[-1])))
+    clock = functools.partial(step_seconds, cost)
+    runs = []
     with tqdm(total=len(config["systems"]) * len(traces), desc="request_rate") as progress:
-        for system in config["systems"]:
-            engine = make_engine(system, setup, warm_up=config["warm_up"])
+        for system in config["systems"]:  # the others compile as they go: the modelled clock does not see it
+            engine = ours if system == "paged-jax" else make_engine(system, setup, warm_up=False)
             for (dataset, rate), requests in traces.items():
-                run = serve(EngineServer(engine, requests), requests)
+                run = serve(EngineServer(engine, requests, clock=clock), requests)
                 runs.append(dict(system=system, dataset=dataset, rate=rate, **dataclasses.asdict(run)))
                 progress.update()
-            if system == "paged-jax":
-                cost = CostModel.fit(engine.step_log, f"fit to {len(engine.step_log)} measured steps")
-                cost = dict(dataclasses.asdict(cost), relative_error=cost.relative_error(engine.step_log))
-    return dict(machine=device_kind(), mode="real execution", setup=dataclasses.asdict(setup), config=config,
-                runs=runs, cost_model=cost,
+    return dict(machine=device_kind(), mode="real execution, modelled clock", setup=dataclasses.asdict(setup),
+                config=config, runs=runs, cost_model=dict(dataclasses.asdict(cost), relative_error=error),
                 traces=[describe(DATASETS[d], traces[d, config["rates"][0]], setup.max_model_len)
                         for d in config["datasets"]])
+
+
+def calibrate(engine: LLMEngine, *traces: list) -> tuple[CostModel, float]:
+    """This machine's step-time model: our engine serves the traces on the wall clock and the
+    cost model is fitted to its steps, small batches and large; and the fit's mean relative
+    error. The sweep then runs on this model's clock, because wall-clock steps on a shared CPU
+    swing with the other processes' load, and with them the order of admissions and every
+    ratio read off the sweep; a fit to a few hundred steps moves far less (a uniformly slower
+    machine scales every coefficient alike, which shifts the curves in rate but leaves the
+    ratios)."""
+    log = []
+    for requests in traces:
+        server = EngineServer(engine, requests)
+        serve(server, requests)
+        log += server.log()
+    first = CostModel.fit(log, "first fit")
+    kept = [r for r in log if r.seconds < 3 * step_seconds(first, r)]  # not stalls, not compilations
+    cost = CostModel.fit(kept, f"fit to {len(kept)} of {len(log)} steps of ours serving the traces on the wall "
+                               "clock, those over 3x a first fit's time left out")
+    return cost, cost.relative_error(kept)
+
+
+def step_seconds(cost: CostModel, record: StepRecord) -> float:
+    """A step's time on the modelled clock (a decode loop of k steps costs k steps)."""
+    return record.num_steps * cost.seconds(record.num_tokens, record.num_context_tokens)
 
 
 def simulate_paper_scale(size: str | dict = "quick", scale: Scale = Scale(), cost: CostModel = A100_OPT13B) -> dict:
@@ -139,7 +169,7 @@ def summary(data: dict, dataset: str) -> dict[str, dict]:
 def describe_setup(data: dict) -> str:
     """The run's mode and scale, for the tables."""
     setup, config = data["setup"], data["config"]
-    if data["mode"] == "real execution":
+    if data["mode"].startswith("real execution"):
         scale = (f"model `{setup['model'].rsplit('/', 1)[-1]}`, context {setup['max_model_len']}, block size "
                  f"{setup['block_size']}, a KV cache of {Setup(**setup).num_blocks * setup['block_size']} token "
                  f"slots (the paper's 15.7K scaled by {setup['max_model_len']}/2048)")
@@ -160,6 +190,11 @@ def table(data: dict) -> str:
                      f"{cost['per_token'] * 1e6:.1f} us/token + {cost['per_context_token'] * 1e9:.0f} ns per "
                      "cached token" + (f", mean error {100 * cost['relative_error']:.0f}% over the measured steps"
                                        if "relative_error" in cost else "") + ".\n")
+    if data["mode"].startswith("real execution"):
+        parts.append("Every run is timed on that model's clock: the engine admits, schedules, preempts and "
+                     "computes every step as it would serve, and the model says what each step cost, so the "
+                     "shared machine's load moves the model's coefficients (which shift the curves in rate) but "
+                     "not each step.\n")
     parts += [f"- {t}" for t in data["traces"]]
     for dataset in data["config"]["datasets"]:
         rows = []
@@ -179,21 +214,52 @@ def table(data: dict) -> str:
     return "\n".join(parts)
 
 
+# How each system is drawn: ours filled and on top, the others hollow, bigger the earlier they
+# fall behind, so that curves which coincide (every system below its knee) stay visible.
+STYLES = {
+    "paged-jax": dict(marker="o", linestyle="-", markersize=5, zorder=5),
+    "orca-oracle": dict(marker="s", linestyle="--", markersize=7, fillstyle="none", zorder=4),
+    "orca-pow2": dict(marker="^", linestyle="-.", markersize=9, fillstyle="none", zorder=3),
+    "orca-max": dict(marker="v", linestyle=":", markersize=11, fillstyle="none", zorder=2),
+    "static": dict(marker="D", linestyle=(0, (1, 3)), markersize=8, fillstyle="none", zorder=1),
+}
+# Fig. 12a (OPT-13B, ShareGPT), read off the plot: where each system's latency blows up.
+PAPER_KNEES = {"paged-jax": 1.95, "orca-oracle": 1.1, "orca-pow2": 0.75, "orca-max": 0.5, "static": 0.25}
+
+
 def plot(data: dict):
+    """Fig. 12 as the paper draws it (linear axes, latency cut off above the knees) with our
+    sustainable limit dashed and, at the paper's scale, the paper's knees marked on the rate
+    axis; Fig. 13's mean batch beside it, with the batch the paper's ratios give the Orca
+    variants at the top rate."""
     datasets = data["config"]["datasets"]
-    fig, axes = new_figure(ncols=2 * len(datasets))
+    paper_scale = not data["mode"].startswith("real execution")
+    fig, axes = new_figure(ncols=2 * len(datasets), width=4.6)
     for k, dataset in enumerate(datasets):
         latency_ax, batch_ax = axes[2 * k], axes[2 * k + 1]
+        top = summary(data, dataset)
         for system in data["config"]["systems"]:
+            i = list(STYLES).index(system)  # a system's colour, whichever systems ran
             rates, latency = curve(data, system, dataset)
             _, batch = curve(data, system, dataset, "mean_batch_size")
-            latency_ax.plot(rates, latency, marker="o", label=system)
-            batch_ax.plot(rates, batch, marker="o", label=system)
-        latency_ax.set(yscale="log", xlabel="request rate (req/s)",
-                       ylabel="normalized latency (s/token)", title=f"{dataset}: Fig. 12")
-        batch_ax.set(xlabel="request rate (req/s)", ylabel="mean batched requests",
+            latency_ax.plot(rates, latency, color=f"C{i}", label=system, **STYLES[system])
+            batch_ax.plot(rates, batch, color=f"C{i}", label=system, **STYLES[system])
+            if paper_scale and dataset == "sharegpt":
+                latency_ax.plot(PAPER_KNEES[system], 0, marker="|", markersize=14, color=f"C{i}", clip_on=False)
+            if system in PAPER_BATCH_RATIOS and dataset == "sharegpt":  # Fig. 13a's ratios
+                batch_ax.plot(rates[-1], top["paged-jax"]["batch"] / float(PAPER_BATCH_RATIOS[system][:-1]), "*",
+                              markersize=11, color=f"C{i}", label=f"paper: ours / {PAPER_BATCH_RATIOS[system]}")
+        limit = top["paged-jax"]["limit"]
+        latency_ax.axhline(limit, color="grey", linewidth=0.8, linestyle="--", label=f"limit: {LIMIT:g}x ours unloaded")
+        latency_ax.set(xlabel="request rate (req/s)", ylabel="normalized latency (s/token)", ylim=(0, 3 * limit),
+                       xlim=(0, None), title=f"{dataset}: Fig. 12" + (" (| paper's knees)" if paper_scale and
+                                                                      dataset == "sharegpt" else ""))
+        batch_ax.set(xlabel="request rate (req/s)", ylabel="mean batched requests", xlim=(0, None), ylim=(0, None),
                      title=f"{dataset}: Fig. 13")
+        for ax in (latency_ax, batch_ax):
+            ax.grid(alpha=0.3)
         latency_ax.legend(fontsize=7)
+        batch_ax.legend(fontsize=7)
     fig.suptitle(f"Serving latency and batch size ({data['mode']}; {data['machine']})", fontsize=9)
     fig.tight_layout()
     return fig
