@@ -1,8 +1,9 @@
 """`make run`: the paper's figures end to end on the machine at hand, then one table with the
 paper's numbers next to ours.
 
---quick (what `make run` does) takes about ten minutes on two CPU cores: Fig. 2 and 12-13 at
-the paper's scale in the simulator (our scheduler and memory managers, modelled step times),
+--quick (what `make run` does) takes about ten minutes on two CPU cores: Fig. 2, 12-13, 14
+and 17 at the paper's scale in the simulator (our scheduler, memory managers and beam search,
+modelled step times),
 Fig. 12-13 and 18b by real execution at a small scale on a clock modelled from this machine's
 measured steps (so that the shared machine's load does not move them), and the sharing and
 preemption figures at sizes where their effects show: each quick size is one whose numbers
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments import block_size, kernel_bench, memory_waste, preemption, request_rate, sharing
+from experiments import block_size, decoding_rate, kernel_bench, memory_waste, preemption, request_rate, sharing
 from experiments.common import markdown_table, report, result_name, run_figure
 
 # (module, options, size for --quick, size for --full), in the order the table lists them
@@ -28,6 +29,7 @@ PLAN = [
     (request_rate, dict(simulate=True), "quick", "full"),
     (request_rate, {}, "quick", "full"),
     (sharing, {}, "quick", "full"),
+    (decoding_rate, dict(simulate=True), "quick", "full"),
     (block_size, {}, "quick", "full"),
     (preemption, {}, "quick", "full"),
     (kernel_bench, {}, "tiny", "full"),

@@ -32,7 +32,6 @@ from experiments.common import random_llama_checkpoint
 from experiments.workloads import Request, prompt_token_ids
 from paged_jax.engine import EngineArgs, LLMEngine, StepRecord
 from paged_jax.reservation import kv_utilization
-from paged_jax.sampling import SamplingParams
 
 DEFAULT_MODEL = Path(__file__).parent.parent / "models" / "stdlib-llama"
 PAPER_KV_SLOTS = 15_700  # OPT-13B on one A100-40GB (§6.1, Table 1)
@@ -47,6 +46,15 @@ SYSTEMS = {
     "orca-max": dict(memory_manager="orca-max"),
     "static": dict(memory_manager="orca-max", batching="static"),
 }
+
+# Our engine with block sharing off, the ablation of Fig. 14: a forked sequence copies its
+# parent's blocks instead of sharing them.
+UNSHARED = {"paged-jax-unshared": dict(enable_block_sharing=False)}
+
+
+def system_args(system: str) -> dict:
+    """The EngineArgs that make a system of SYSTEMS or UNSHARED."""
+    return {**SYSTEMS, **UNSHARED}[system]
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def make_engine(system: str, setup: Setup, **overrides) -> LLMEngine:
     args = dict(model=setup.model, max_model_len=setup.max_model_len, block_size=setup.block_size,
                 num_gpu_blocks_override=setup.num_blocks, max_num_seqs=setup.max_num_seqs,
                 max_num_batched_tokens=setup.max_num_batched_tokens, seed=0, background_compile=False)
-    return LLMEngine(EngineArgs(**{**args, **SYSTEMS[system], **overrides}))
+    return LLMEngine(EngineArgs(**{**args, **system_args(system), **overrides}))
 
 
 @dataclass
@@ -97,6 +105,7 @@ class ServingRun:
     mean_latency: float
     mean_batch_size: float  # running requests per step
     throughput: float  # requests / s of clock time
+    steady_throughput: float  # requests / s between the 10th and the 90th percentile finish
     duration: float  # clock seconds from the first arrival to the last finish
     memory: dict[str, float]  # share of the cache by use, averaged over the steps requests waited
     kv_utilization: float  # slots holding tokens / slots given to requests, over all steps
@@ -119,7 +128,7 @@ class EngineServer:
 
     def add(self, i: int) -> None:
         request = self.requests[i]
-        params = SamplingParams(temperature=1.0, max_tokens=request.output_len, ignore_eos=True, seed=i)
+        params = request.decoding.params(request.output_len, seed=i)
         self.engine.add_request(str(i), {"prompt_token_ids": self.prompts[i]}, params,
                                 arrival_time=request.arrival_time)
 
@@ -176,11 +185,21 @@ def serve(server, requests: list[Request]) -> ServingRun:
         mean_latency=float(latency.mean()),
         mean_batch_size=sum(r.num_requests * r.num_steps for r in log) / sum(r.num_steps for r in log),
         throughput=len(requests) / duration,
+        steady_throughput=steady_throughput(sorted(finish.values())),
         duration=duration,
         memory=memory_shares(log),
         kv_utilization=kv_utilization([r.memory for r in log]),
         num_preemptions=server.num_preemptions(),
     )
+
+
+def steady_throughput(finish_times: list[float]) -> float:
+    """Requests finished per second between the 10th and the 90th percentile finish: with
+    every request queued from the start, a system's capacity (the rate its latency blows up
+    at), without the ramp-up and the drain of a finite trace."""
+    first, last = int(0.1 * len(finish_times)), int(0.9 * len(finish_times))
+    span = finish_times[last] - finish_times[first]
+    return (last - first) / span if span > 0 else float("inf")
 
 
 def memory_shares(log: list[StepRecord]) -> dict[str, float]:

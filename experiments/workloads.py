@@ -7,7 +7,8 @@ output >= 4 tokens, prompt <= 1024, prompt + output <= 2048), the realised means
 targets. Traces scale to a smaller model's context by shrinking every length by
 max_model_len / 2048. Arrivals are Poisson at a given rate, or gamma for burstiness. vLLM's
 "random" traces (fixed or uniform lengths) serve sweeps that need a controlled length.
-Everything is seeded.
+Fig. 17's chatbot turns ShareGPT-like rounds into conversations. A request can decode n
+parallel samples or run a beam search (Fig. 14). Everything is seeded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+from paged_jax.beam_search import BeamSearchParams
+from paged_jax.sampling import SamplingParams
 
 SHAREGPT_CONTEXT = 2048
 
@@ -28,9 +32,29 @@ class Dataset:
     sigma: float  # log-normal shape: ShareGPT's lengths vary far more than Alpaca's
 
 
+CHAT_ROUNDS_MEAN = 5.0  # rounds per conversation (geometric); the paper gives none: 5 cuts 59% of prompts
 SHAREGPT = Dataset("sharegpt", 161.31, 337.99, sigma=1.0)
 ALPACA = Dataset("alpaca", 19.31, 58.45, sigma=0.6)
 DATASETS = {d.name: d for d in (SHAREGPT, ALPACA)}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a request decodes (§6.3): n parallel samples, or a beam search of width
+    beam_width (0: none)."""
+
+    n: int = 1
+    beam_width: int = 0
+
+    def params(self, output_len: int, seed: int) -> SamplingParams | BeamSearchParams:
+        """The request's parameters; outputs run to output_len, as the paper's traces do."""
+        if self.beam_width:
+            return BeamSearchParams(beam_width=self.beam_width, max_tokens=output_len, ignore_eos=True)
+        return SamplingParams(n=self.n, temperature=1.0, max_tokens=output_len, ignore_eos=True, seed=seed)
+
+    @property
+    def name(self) -> str:
+        return f"beam width {self.beam_width}" if self.beam_width else f"n = {self.n}"
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,7 @@ class Request:
     prompt_len: int
     output_len: int
     arrival_time: float = 0.0
+    decoding: Decoding = Decoding()
 
 
 def _draw(rng, mu_prompt, mu_output, sigma, n):
@@ -71,6 +96,29 @@ def sample_requests(dataset: Dataset, n: int, *, max_model_len: int = SHAREGPT_C
     output = np.maximum(1, np.floor(output[:n] * scale)).astype(int)
     arrivals = arrival_times(n, rate, burstiness, rng)
     return [Request(int(p), int(o), float(t)) for p, o, t in zip(prompt, output, arrivals)]
+
+
+def chatbot_requests(n: int, *, max_model_len: int = SHAREGPT_CONTEXT, seed: int = 0,
+                     rate: float = float("inf")) -> list[Request]:
+    """Fig. 17's chatbot trace: each request is a round of a conversation of ShareGPT-like
+    rounds. Its prompt is the conversation so far (the earlier rounds' questions and answers
+    and its own question) cut to its last half-context, 1024 tokens at 2048 as in the paper;
+    its output is a ShareGPT-like answer cut to the same. A request is the k-th round of its
+    conversation with probability (1 - p)^(k-1) p, p = 1/CHAT_ROUNDS_MEAN: most conversations
+    are short, but long ones fill the prompt, so that "most requests have 1024-token prompts"
+    (§6.5). The K/V of earlier rounds is not kept, as in the paper."""
+    rng = np.random.default_rng(seed)
+    mu_prompt, mu_output = calibrate(SHAREGPT)
+    half = max_model_len // 2
+    rounds = rng.geometric(1 / CHAT_ROUNDS_MEAN, n)
+    prompt, output = _draw(rng, mu_prompt, mu_output, SHAREGPT.sigma, 4 * int(rounds.sum()) + 8)
+    history = np.concatenate([[0], np.cumsum(prompt + output)])
+    ends = np.cumsum(rounds)  # request i is the last round of rounds[i] consecutive draws
+    scale = max_model_len / SHAREGPT_CONTEXT
+    prompts = [min(half, int((history[e - 1] - history[e - r] + prompt[e - 1]) * scale)) for e, r in zip(ends, rounds)]
+    outputs = [max(1, min(half, int(output[e - 1] * scale))) for e in ends]
+    arrivals = arrival_times(n, rate, 1.0, rng)
+    return [Request(max(1, p), o, float(t)) for p, o, t in zip(prompts, outputs, arrivals)]
 
 
 def random_requests(n: int, input_len: int, output_len: int, *, range_ratio: float = 0.0, seed: int = 0,

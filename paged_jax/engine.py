@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,10 +217,7 @@ class LLMEngine:
         beam = None
         if isinstance(params, BeamSearchParams):
             check_beam_width(params, self.eos_token_ids)
-            beam = BeamSearch(params, self.eos_token_ids)
-            # The beams' next tokens come from the sampler's top logprobs of greedy rows.
-            params = SamplingParams(n=params.beam_width, temperature=0.0, max_tokens=params.max_tokens,
-                                    ignore_eos=params.ignore_eos, logprobs=beam.num_candidates)
+            beam, params = beam_request(params, self.eos_token_ids)
         if params.n > min(self.args.max_num_seqs, self.max_num_batched_tokens):
             raise ValueError(f"request {request_id!r}: n={params.n} sequences can never be scheduled together "
                              f"(max_num_seqs {self.args.max_num_seqs}, max_num_batched_tokens "
@@ -357,24 +355,10 @@ class LLMEngine:
             for seq in beams:
                 seq.finish_reason = "length"
             return
-        kept = [self._continue_beam(group, beams, c, first=c.parent not in {k.parent for k in keep[:i]})
-                for i, c in enumerate(keep)]
-        still_used = set(kept)
-        self.block_manager.free([s for s in beams if s not in still_used])
-        group.seqs = kept
-        for seq, c in zip(kept, keep):
-            seq.output_token_ids.append(c.token)
-            seq.cumulative_logprob = c.cum_logprob
+        def fork_of(parent: Sequence) -> Sequence:
+            return self._new_sequence(parent.prompt_token_ids, group.params, parent.index, born=True)
 
-    def _continue_beam(self, group: SequenceGroup, beams: list[Sequence], c: Continuation, first: bool) -> Sequence:
-        """The sequence that carries continuation c: its parent the first time, else a fork."""
-        parent = beams[c.parent]
-        if first:
-            return parent
-        child = self._new_sequence(parent.prompt_token_ids, group.params, parent.index, born=True)
-        child.output_token_ids = list(parent.output_token_ids)
-        self.block_manager.fork(parent, child)
-        return child
+        continue_beams(group, beams, keep, self.block_manager, fork_of)
 
     def _decode_steps(self, out) -> tuple[int, list[int] | None]:
         """How many decode steps the device may run in one loop, and how many tokens each
@@ -439,10 +423,9 @@ class LLMEngine:
     def _record_sharing(self) -> None:
         """Once a step is scheduled: the blocks the tables name against the blocks in use
         (what sharing saves)."""
-        named = sum(len(s.block_table) for g in self.scheduler.running for s in g.active)
-        if named and isinstance(self.block_manager, BlockManager):  # a reservation's rounding is not sharing
-            self._sharing[0] += named
-            self._sharing[1] += self.block_manager.num_blocks - self.block_manager.num_free_blocks
+        named, used = self.block_manager.blocks_named_and_used(self.scheduler.running)
+        self._sharing[0] += named
+        self._sharing[1] += used
 
     def stats(self) -> dict:
         return {
@@ -505,3 +488,34 @@ def _mix(a: int, b: int) -> int:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
     return x ^ (x >> 31)
 
+
+def beam_request(params: BeamSearchParams, eos_token_ids: tuple[int, ...]) -> tuple[BeamSearch, SamplingParams]:
+    """A beam search's state, and the sampling its beams run: greedy rows whose top logprobs
+    offer the candidates, n = beam_width sequences at most."""
+    beam = BeamSearch(params, eos_token_ids)
+    return beam, SamplingParams(n=params.beam_width, temperature=0.0, max_tokens=params.max_tokens,
+                                ignore_eos=params.ignore_eos, logprobs=beam.num_candidates)
+
+
+def continue_beams(group: SequenceGroup, beams: list[Sequence], keep: list[Continuation], blocks,
+                   new_sequence: Callable[[Sequence], Sequence]) -> None:
+    """Make the kept continuations the group's beams. Beams not kept are freed first, so a
+    fork never needs more memory than the step held (a dropped beam's blocks, or its Orca
+    reservation, make room for the copy that replaces it); then a beam kept k times forks
+    k - 1 children from its state before this step's token, and each appends its token."""
+    parents = {c.parent for c in keep}
+    blocks.free([beam for i, beam in enumerate(beams) if i not in parents])
+    kept, seen = [], set()
+    for c in keep:
+        seq = beams[c.parent]
+        if c.parent in seen:
+            child = new_sequence(seq)
+            child.output_token_ids = list(seq.output_token_ids)
+            blocks.fork(seq, child)
+            seq = child
+        seen.add(c.parent)
+        kept.append(seq)
+    group.seqs = kept
+    for seq, c in zip(kept, keep):
+        seq.output_token_ids.append(c.token)
+        seq.cumulative_logprob = c.cum_logprob

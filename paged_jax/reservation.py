@@ -11,6 +11,12 @@ same attention kernels read it. Three reservation policies:
 With ignore_eos, as in the benchmarks, max_tokens is the true output length. A reservation
 always holds the whole request, so nothing is ever preempted.
 
+A request of n sequences (parallel sampling, or a beam search of width n) reserves n chunks
+at admission, as a system without block sharing must: nothing is shared, so a sibling born
+from the prompt, or a beam forked from another, gets a spare chunk and a copy of its parent's
+K/V. A chunk a sequence gives back while its request runs (a dropped beam) is the request's
+spare until the request ends.
+
 Waste has three kinds here (Fig. 2): slots reserved for tokens still to come, slots reserved
 that the request never uses (internal fragmentation) and the rounding of a reservation to a
 power-of-two chunk of blocks (external fragmentation: neighbours cannot use it).
@@ -18,7 +24,7 @@ power-of-two chunk of blocks (external fragmentation: neighbours cannot use it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from paged_jax.sequence import Sequence, SequenceGroup
 
@@ -104,9 +110,18 @@ def final_length(group: SequenceGroup) -> int:
     return len(group.prompt_token_ids) + group.params.max_tokens
 
 
+@dataclass(eq=False)
+class Held:
+    """The chunks one request reserved: how many its sequences hold, and the spare ones
+    (start block, reserved tokens)."""
+
+    holders: int
+    spare: list[tuple[int, int]] = field(default_factory=list)
+
+
 class ReservingBlockManager:
-    """The block-manager interface the scheduler and engine use, over contiguous reservations.
-    One sequence per request: there is nothing to share."""
+    """The block-manager interface the scheduler and engine use, over contiguous reservations
+    (a chunk per sequence; nothing shared)."""
 
     swap_pool = None  # nothing is ever swapped: a reservation holds the whole request
     watermark_blocks = 0
@@ -120,7 +135,8 @@ class ReservingBlockManager:
         self.max_model_len = max_model_len
         self.buddy = BuddyAllocator(num_blocks)
         self.reservations: dict[Sequence, tuple[int, int]] = {}  # seq -> (start block, reserved tokens)
-        self.pending_copies: list[tuple[int, int]] = []  # never any: nothing is shared
+        self.held: dict[Sequence, Held] = {}  # seq -> what its request reserved
+        self.pending_copies: list[tuple[int, int]] = []  # (source, destination): a fork's K/V
 
     @property
     def num_free_blocks(self) -> int:
@@ -132,21 +148,26 @@ class ReservingBlockManager:
                 "oracle": prompt_len + max_tokens}[self.policy]
 
     def footprint(self, prompt_len: int, max_tokens: int, n: int) -> tuple[int, int]:
-        """(blocks the request takes at its longest, the most one request can take)."""
-        if n != 1:
-            raise ValueError(f"the Orca ({self.policy}) baseline serves one sequence per request, got n={n}")
+        """(blocks a request of n sequences takes, the most such a request can take): n chunks,
+        and the blocks of the arenas big enough for one."""
         chunk = _next_pow2(-(-self.reservation(prompt_len, max_tokens) // self.block_size))
-        return chunk, max(size for _, size in self.buddy.arena_of.values())
+        return n * chunk, sum(size // chunk * chunk for _, size in self.buddy.arena_of.values())
 
     def admit(self, group: SequenceGroup, hits: list[list[int]], targets: list[int]) -> bool:
-        """Reserve the request's chunk and give it the blocks for its first tokens, or change
-        nothing and say False."""
-        (seq,) = group.active
+        """Reserve a chunk for each of the request's n sequences and give the computing ones
+        the blocks for their first tokens, or change nothing and say False."""
         tokens = self.reservation(len(group.prompt_token_ids), group.params.max_tokens)
-        start = self.buddy.allocate(-(-tokens // self.block_size))
-        if start is None:
-            return False
-        self.reservations[seq] = (start, tokens)
+        starts = []
+        for _ in range(group.params.n):
+            start = self.buddy.allocate(-(-tokens // self.block_size))
+            if start is None:
+                for taken in starts:
+                    self.buddy.free(taken)
+                return False
+            starts.append(start)
+        held = Held(holders=len(group.active), spare=[(start, tokens) for start in starts[len(group.active):]])
+        for seq, start in zip(group.active, starts):
+            self.reservations[seq], self.held[seq] = (start, tokens), held
         return self.grow(list(zip(group.active, targets)))
 
     def grow(self, growth: list[tuple[Sequence, int]]) -> bool:
@@ -158,40 +179,63 @@ class ReservingBlockManager:
         return True
 
     def free(self, seqs: list[Sequence]) -> None:
+        """A sequence's chunk becomes its request's spare; the last one out frees them all."""
         for seq in seqs:
-            if seq in self.reservations:
-                self.buddy.free(self.reservations.pop(seq)[0])
             seq.block_table = []
+            if seq not in self.reservations:
+                continue
+            held = self.held.pop(seq)
+            held.spare.append(self.reservations.pop(seq))
+            held.holders -= 1
+            if held.holders == 0:
+                for start, _ in held.spare:
+                    self.buddy.free(start)
 
     def take_copies(self) -> list[tuple[int, int]]:
-        return []
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         return []
+
+    def blocks_named_and_used(self, groups: list[SequenceGroup]) -> tuple[int, int]:
+        """Nothing is shared (a reservation's rounding is not sharing)."""
+        return 0, 0
 
     def cache_full_blocks(self, seqs: list[Sequence]) -> None:
         pass
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        raise ValueError("the reserving (Orca) memory manager serves one sequence per request")
+        """child takes a spare chunk of its request and a copy of parent's computed K/V
+        (queued for the next step, before it computes)."""
+        held = self.held[parent]
+        start, tokens = held.spare.pop()
+        held.holders += 1
+        self.reservations[child], self.held[child] = (start, tokens), held
+        child.block_table = list(range(start, start + len(parent.block_table)))
+        child.num_computed_tokens = parent.num_computed_tokens
+        computed = -(-parent.num_computed_tokens // self.block_size)
+        self.pending_copies += list(zip(parent.block_table[:computed], child.block_table))
 
     def check_no_leaks(self, live: list[Sequence]) -> None:
         """Exactly the live sequences hold reservations, and the buddy allocator's free count
-        is the rest of the cache."""
+        is the rest of the cache (their chunks and their requests' spares)."""
         assert set(self.reservations) == set(live), "reservations disagree with the live sequences"
-        held = sum(self.buddy.size_of[start] for start, _ in self.reservations.values())
+        spare = [start for held in set(self.held.values()) for start, _ in held.spare]
+        held = sum(self.buddy.size_of[start] for start in [s for s, _ in self.reservations.values()] + spare)
         assert self.buddy.num_free == self.num_blocks - held
 
     def memory_usage(self, groups: list[SequenceGroup]) -> MemoryUsage:
+        """Slots by use; a request's spare chunks are reserved for the sequences to come."""
         stored = reserved = internal = external = 0
         for group in groups:
-            for seq in group.active:
-                if seq not in self.reservations:
-                    continue
-                _, tokens = self.reservations[seq]
-                final = final_length(group)
-                stored += min(seq.num_computed_tokens, final)
-                reserved += final - min(seq.num_computed_tokens, final)
+            final = final_length(group)
+            chunks = [(self.reservations[s][1], s.num_computed_tokens) for s in group.active if s in self.reservations]
+            requests = {self.held[s] for s in group.active if s in self.held}
+            chunks += [(tokens, 0) for held in requests for _, tokens in held.spare]
+            for tokens, computed in chunks:
+                stored += min(computed, final)
+                reserved += final - min(computed, final)
                 internal += tokens - final
                 external += _next_pow2(-(-tokens // self.block_size)) * self.block_size - tokens
         return MemoryUsage(stored, reserved, internal, external, self.num_blocks * self.block_size)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from serving import GREEDY, assert_all_blocks_free, generate_ids, make_llm, random_prompts
 
-from paged_jax import SamplingParams
+from paged_jax import BeamSearchParams, SamplingParams
 from paged_jax.reservation import BuddyAllocator
 
 # -- the buddy allocator -----------------------------------------------------------------------
@@ -114,12 +114,32 @@ def test_orca_memory_usage_counts_reservations(checkpoint, rng):
     assert usage.free == 128 * 4 - 16
 
 
+def test_orca_serves_several_sequences_per_request_by_copying(checkpoint, rng):
+    """A request of n sequences reserves n chunks; a sibling or a forked beam gets a spare
+    chunk and a copy of its parent's K/V, so outputs equal the paged engine's, sharing nothing."""
+    path = checkpoint("llama")
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(rng, [7, 12])]
+    sampling = SamplingParams(n=3, temperature=1.0, max_tokens=6, ignore_eos=True, seed=5)
+    beam = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
+    paged = make_llm(path, max_model_len=64)
+    expected = ([o.token_ids for o in paged.generate(prompts[:1], sampling, use_tqdm=False)[0].outputs],
+                [s.tokens for s in paged.beam_search(prompts[1:], beam)[0].sequences])
+    for system in BASELINES[:3]:
+        llm = make_llm(path, max_model_len=64, **system)
+        got = ([o.token_ids for o in llm.generate(prompts[:1], sampling, use_tqdm=False)[0].outputs],
+               [s.tokens for s in llm.beam_search(prompts[1:], beam)[0].sequences])
+        assert got == expected, system
+        assert llm.engine.runner.num_copied > 0, "forks copy instead of sharing"
+        assert_all_blocks_free(llm)
+
+
 def test_a_request_orca_cannot_serve_fails_alone(checkpoint, rng):
-    llm = make_llm(checkpoint("llama"), max_model_len=64, memory_manager="orca-oracle")
+    """orca-max reserves 64 tokens (16 blocks) per sequence: n = 9 needs more than 128 blocks."""
+    llm = make_llm(checkpoint("llama"), max_model_len=64, max_num_seqs=16, memory_manager="orca-max")
     prompts = random_prompts(rng, [6, 6])
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           [SamplingParams(n=2, max_tokens=4), GREEDY], use_tqdm=False)
-    assert "one sequence per request" in outputs[0].error and not outputs[0].outputs
+                           [SamplingParams(n=9, max_tokens=4), GREEDY], use_tqdm=False)
+    assert "more than the whole cache holds" in outputs[0].error and not outputs[0].outputs
     assert outputs[1].error is None and len(outputs[1].outputs[0].token_ids) == GREEDY.max_tokens
     assert_all_blocks_free(llm)
 
