@@ -32,7 +32,7 @@ PLAN = [
     (decoding_rate, dict(simulate=True), "quick", "full"),
     (block_size, {}, "quick", "full"),
     (preemption, {}, "quick", "full"),
-    (kernel_bench, {}, "tiny", "full"),
+    (kernel_bench, {}, "quick", "full"),
 ]
 
 
