@@ -9,9 +9,9 @@ log-rate axis): the knee the paper reads off its plots. The paper's ratios: 1.7-
 of Oracle and 4.3x those of Max (Fig. 13a).
 
 By real execution the engine serves every trace, timed on a clock modelled from this
-machine's own steps (calibrate): on a shared CPU, wall-clock steps swing with the other
+machine's steps (calibrate): on a shared CPU, wall-clock steps swing with the other
 processes' load, and two such runs had put the mean-batch ratios at 1.1x / 1.4x and 0.7x /
-0.8x. At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the
+0.8x. On a CPU that clock is one fixed model (CPU_CLOCK), so a rerun gives the same ratios. At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the
 simulator (experiments/simulator.py): the same scheduler and memory managers, modelled step
 times.
 
@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import sys
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -87,21 +88,31 @@ def measure(size: str | dict = DEFAULT_SIZE, simulate: bool = False) -> dict:
                         for d in config["datasets"]])
 
 
+# This CPU's step times: the mean of three fits of calibrate to our engine serving the quick
+# traces, the machine idle (2 cores, 2026-12-05). The fits scatter (per token 270-490 us, per
+# cached token 1.3-3.5 us: the two grow together, so a fit trades one for the other), and a
+# clock refitted in every run moved every ratio read off a sweep with it (mean batch vs Orca
+# Oracle 1.30-1.69x over five runs); on a CPU the sweeps run on this one clock instead.
+CPU_CLOCK = CostModel(fixed=0.88e-3, per_token=370e-6, per_context_token=2.2e-6,
+                      source="this 2-core CPU's step-time model (request_rate.CPU_CLOCK, fitted idle)")
+
+
 def calibrate(engine: LLMEngine, *traces: list) -> tuple[CostModel, float]:
-    """This machine's step-time model: our engine serves the traces on the wall clock and the
-    cost model is fitted to its steps, small batches and large; and the fit's mean relative
-    error. The sweep then runs on this model's clock, because wall-clock steps on a shared CPU
-    swing with the other processes' load, and with them the order of admissions and every
-    ratio read off the sweep; a fit to a few hundred steps moves far less (a uniformly slower
-    machine scales every coefficient alike, which shifts the curves in rate but leaves the
-    ratios)."""
+    """The clock's step-time model, and its mean relative error over our engine's steps
+    serving the traces on the wall clock (small batches and large; stalls and compilations,
+    over 3x the model, left out). On a GPU the model is fitted to those steps; on a CPU, whose
+    fits scatter with the shared machine's load, it is CPU_CLOCK. The sweep then runs on this
+    clock, because wall-clock steps on a shared CPU swing with the other processes' load, and
+    with them the order of admissions and every ratio read off the sweep."""
     log = []
     for requests in traces:
         server = EngineServer(engine, requests)
         serve(server, requests)
         log += server.log()
-    first = CostModel.fit(log, "first fit")
+    first = CPU_CLOCK if jax.default_backend() == "cpu" else CostModel.fit(log, "first fit")
     kept = [r for r in log if r.seconds < 3 * step_seconds(first, r)]  # not stalls, not compilations
+    if first is CPU_CLOCK:  # the fixed clock, and how far this run's steps were from it
+        return CPU_CLOCK, CPU_CLOCK.relative_error(kept)
     cost = CostModel.fit(kept, f"fit to {len(kept)} of {len(log)} steps of ours serving the traces on the wall "
                                "clock, those over 3x a first fit's time left out")
     return cost, cost.relative_error(kept)
