@@ -20,7 +20,7 @@ SHOWS = {  # text each notebook's markdown outputs must show: a number quoted fr
     "fig02_memory_waste": "20.4 / 13.3 / 57.3 / 8.9",
     "fig12_13_request_rate": "1.7-2.7x",
     "fig14_16_sharing": "37.6",
-    "fig14_17_decoding_rate": "2.3x vs Oracle",
+    "fig14_17_decoding_rate": "up to 2.2x (vLLM)",
     "fig18a_kernel": "20-26 %",
     "fig18b_block_size": "best at 16-128",
     "fig19_preemption": "20 %",
