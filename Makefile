@@ -21,7 +21,7 @@ test: $(STAMP)
 # The paper's figures at quick size, then the notebooks redrawn from what it measured.
 run: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --quick
-	$(BIN)/python -m experiments.notebooks --size quick
+	$(MAKE) notebooks
 
 # Execute every notebook in place at the quick size, reading back the figures `make run` measured.
 notebooks: $(STAMP)

@@ -16,7 +16,6 @@ Run `python -m experiments.block_size [--size tiny|quick|full]`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import numpy as np
@@ -42,28 +41,27 @@ PAPER = {dataset: f"best at {low}-{high}" for dataset, (low, high) in PAPER_BEST
 
 
 def measure(size: str = DEFAULT_SIZE) -> dict:
-    """Serve each trace at each block size, all on one clock modelled from this machine's steps
-    (request_rate.calibrate, at the first block size): fitted separately, each block size's
-    model would carry the shared machine's load at the time it was fitted, more than any
-    difference between block sizes. What the clock leaves out is what a step costs per block
+    """Serve each trace at each block size, all on one modelled clock (request_rate.clock_model:
+    on a CPU one fixed model, elsewhere fitted at the first block size): fitted separately,
+    each block size's model would carry the shared machine's load at the time it was fitted,
+    more than any difference between block sizes. What the clock leaves out is what a step costs per block
     (the kernel's side of the trade-off); what counts is what the block size does to
     admission, batching and preemption (the memory side)."""
     config, setup = SIZES[size], default_setup()
     traces = {d: sample_requests(DATASETS[d], config["requests"], max_model_len=setup.max_model_len, seed=2,
                                  rate=config["rate"]) for d in config["datasets"]}
-    runs, cost = [], None
+    runs, cost, first = [], None, None
     for block_size in tqdm(config["block_sizes"], desc="block_size"):
-        calibrating = cost is None  # only its steps are timed on the wall clock; the others compile as they go
+        # Only the first engine's steps are compared with the clock; the others compile as they go.
         engine = make_engine("paged-jax", dataclasses.replace(setup, block_size=block_size),
-                             warm_up=config["warm_up"] and calibrating)
-        if calibrating:  # busy steps and light ones, for a well-posed fit
-            cost, error = request_rate.calibrate(engine, *traces.values(), *calibration_traces(config, setup))
+                             warm_up=config["warm_up"] and first is None)
+        if first is None:  # a fit needs busy steps and light ones
+            first, cost = engine, request_rate.clock_model(engine, *traces.values(), *calibration_traces(config, setup))
         for dataset, requests in traces.items():
-            run = serve(EngineServer(engine, requests, clock=functools.partial(request_rate.step_seconds, cost)),
-                        requests)
+            run = serve(EngineServer(engine, requests, clock=cost.step_seconds), requests)
             runs.append(dict(dataset=dataset, block_size=block_size, **dataclasses.asdict(run)))
     return dict(machine=device_kind(), mode="real execution, modelled clock", setup=dataclasses.asdict(setup),
-                config=config, runs=runs, cost_model=dict(dataclasses.asdict(cost), relative_error=error))
+                config=config, runs=runs, cost_model=request_rate.clock_record(cost, first))
 
 
 def calibration_traces(config: dict, setup: Setup) -> list:
@@ -89,12 +87,6 @@ def paper_scale(data: dict) -> float:
     return PAPER_CONTEXT / data["setup"]["max_model_len"]
 
 
-def _step_model(cost: dict) -> str:
-    return (f"{cost['fixed'] * 1e3:.2f} ms + {cost['per_token'] * 1e6:.0f} us/token + "
-            f"{cost['per_context_token'] * 1e9:.0f} ns/cached token ({cost['source']}; mean error "
-            f"{100 * cost['relative_error']:.0f} %)")
-
-
 def table(data: dict) -> str:
     config, setup = data["config"], data["setup"]
     parts = [f"Paged engine, model `{setup['model'].rsplit('/', 1)[-1]}`, context {setup['max_model_len']} "
@@ -102,7 +94,7 @@ def table(data: dict) -> str:
              f"{Setup(**setup).num_blocks * setup['block_size']} KV token slots at every block size; "
              f"{config['requests']} requests at {config['rate']:g} req/s. **Real execution, modelled clock**: the "
              f"engine serves every trace, each step timed by one step-time model of this machine, "
-             f"{_step_model(data['cost_model'])}, fitted at block size {config['block_sizes'][0]}. So this "
+             f"{request_rate.describe_clock(data['cost_model'])}, the same at every block size. So this "
              "measures the memory side of the trade-off (internal fragmentation: fewer requests fit, more "
              "preemptions); the kernel side, small blocks read inefficiently, is a GPU kernel's cost and is "
              "left out here (kernel_bench.py times it on a GPU)."]

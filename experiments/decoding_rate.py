@@ -37,14 +37,13 @@ to experiments/results/decoding_rate[_simulated]_<device>[_<size>].{md,json,png}
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
 from experiments.common import device_kind, figure_main, markdown_table, new_figure
-from experiments.request_rate import calibrate, step_seconds
+from experiments.request_rate import clock_model, clock_record, describe_clock
 from experiments.serving import PAPER_KV_SLOTS, EngineServer, Setup, default_setup, make_engine, serve
 from experiments.simulator import A100_OPT13B, BEAM_SPREAD, Scale, SimulatedServer
 from experiments.workloads import ALPACA, Decoding, Request, chatbot_requests, sample_requests
@@ -123,10 +122,9 @@ def measure(size: str = DEFAULT_SIZE, simulate: bool = False) -> dict:
         extra["num_blocks"] = num_blocks
         engines["paged-jax"] = make_engine("paged-jax", setup, warm_up=size != "tiny",
                                            num_gpu_blocks_override=num_blocks)
-        case = config["cases"][0]  # calibrated on small batches (a light trace) and large (all at once)
-        cost, error = calibrate(engines["paged-jax"], trace(case, max(4, config["requests"] // 10), 1.0, max_model_len),
-                                trace(case, config["requests"], float("inf"), max_model_len))
-        extra["cost_model"] = dict(dataclasses.asdict(cost), relative_error=error)
+        case = config["cases"][0]  # a fit needs small batches (a light trace) and large (all at once)
+        cost = clock_model(engines["paged-jax"], trace(case, max(4, config["requests"] // 10), 1.0, max_model_len),
+                           trace(case, config["requests"], float("inf"), max_model_len))
 
     def serve_at(system: str, case: str, rate: float) -> dict:
         requests = trace(case, config["requests"], rate, max_model_len)
@@ -135,7 +133,7 @@ def measure(size: str = DEFAULT_SIZE, simulate: bool = False) -> dict:
             return dict(dataclasses.asdict(serve(server, requests)), saving=server.sharing_saving())
         if system not in engines:
             engines[system] = make_engine(system, setup, warm_up=size != "tiny", num_gpu_blocks_override=num_blocks)
-        server = EngineServer(engines[system], requests, clock=functools.partial(step_seconds, cost))
+        server = EngineServer(engines[system], requests, clock=cost.step_seconds)
         return dataclasses.asdict(serve(server, requests))
 
     jobs = [(case, system) for case in config["cases"] for system in systems(case, config["orca"])]
@@ -148,6 +146,8 @@ def measure(size: str = DEFAULT_SIZE, simulate: bool = False) -> dict:
     for case, system, fraction in tqdm(curves, desc=f"{NAME}: latency curves", disable=not curves):
         rate = fraction * capacity[case, "paged-jax"]
         runs.append(dict(case=case, system=system, rate=rate, **serve_at(system, case, rate)))
+    if not simulate:
+        extra["cost_model"] = clock_record(cost, engines["paged-jax"])
     mode = "simulation: " + A100_OPT13B.source if simulate else "real execution, modelled clock"
     return dict(machine=device_kind(), mode=mode, size=size, config=config,
                 setup=dataclasses.asdict(Scale() if simulate else setup),
@@ -191,14 +191,11 @@ def table(data: dict) -> str:
                  f"size {setup['block_size']}; beam scores made up with spread {data['beam_spread']:g} "
                  "(experiments/simulator.py)")
     else:
-        cost = data["cost_model"]
         scale = (f"model `{setup['model'].rsplit('/', 1)[-1]}`, context {setup['max_model_len']}, the paper's "
                  f"memory: {data['num_blocks'] * setup['block_size']} KV token slots in blocks of "
                  f"{setup['block_size']}, "
                  f"{setup['max_num_seqs']} sequences, Alpaca's own lengths; step-time model "
-                 f"{cost['fixed'] * 1e3:.2f} ms + {cost['per_token'] * 1e6:.0f} us/token + "
-                 f"{cost['per_context_token'] * 1e9:.0f} ns per cached token ({cost['source']}; mean error "
-                 f"{100 * cost['relative_error']:.0f}%)")
+                 f"{describe_clock(data['cost_model'])}")
     parts = [f"**{data['mode']}** on {data['machine']}; {scale}. Capacity: {config['requests']} requests all queued "
              "at once, requests finished per second between the 10th and the 90th percentile finish (the rate "
              "at which latency blows up). Mean batch: requests running per step in that run.\n"]

@@ -130,7 +130,7 @@ def preemptions(data: dict, run: list[dict]) -> list[tuple[int, str]]:
     return sorted(events)
 
 
-def fill(data: dict, snapshot: dict) -> tuple[int, int]:
+def fill(snapshot: dict) -> tuple[int, int]:
     """(device blocks in use by sequences, slots of them holding computed K/V): a shared block
     counts once."""
     filled = {}
@@ -143,7 +143,7 @@ def fill(data: dict, snapshot: dict) -> tuple[int, int]:
 
 def summary(data: dict, mode: str) -> dict:
     run = data["runs"][mode]
-    used = [fill(data, s) for s in run]
+    used = [fill(s) for s in run]
     busy = [(blocks, slots) for blocks, slots in used if blocks]
     return dict(
         steps=len(run),

@@ -9,11 +9,11 @@ log-rate axis): the knee the paper reads off its plots. The paper's ratios: 1.7-
 of Oracle and 4.3x those of Max (Fig. 13a).
 
 By real execution the engine serves every trace, timed on a clock modelled from this
-machine's steps (calibrate): on a shared CPU, wall-clock steps swing with the other
+machine's steps (clock_model): on a shared CPU, wall-clock steps swing with the other
 processes' load, and two such runs had put the mean-batch ratios at 1.1x / 1.4x and 0.7x /
-0.8x. On a CPU that clock is one fixed model (CPU_CLOCK), so a rerun gives the same ratios. At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the
-simulator (experiments/simulator.py): the same scheduler and memory managers, modelled step
-times.
+0.8x. On a CPU that clock is one fixed model (CPU_CLOCK), so a rerun gives the same ratios.
+At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the simulator
+(experiments/simulator.py): the same scheduler and memory managers, modelled step times.
 
 Run `python -m experiments.request_rate [--size tiny|quick|full] [--simulate]`; results go to
 experiments/results/request_rate[_simulated]_<device>[_<size>].{md,json,png}.
@@ -22,7 +22,6 @@ experiments/results/request_rate[_simulated]_<device>[_<size>].{md,json,png}.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import jax
@@ -33,7 +32,7 @@ from experiments.common import device_kind, figure_main, markdown_table, new_fig
 from experiments.serving import SYSTEMS, EngineServer, Setup, default_setup, make_engine, serve
 from experiments.simulator import A100_OPT13B, CostModel, Scale, simulate
 from experiments.workloads import DATASETS, describe, sample_requests
-from paged_jax.engine import LLMEngine, StepRecord
+from paged_jax.engine import LLMEngine
 
 LIMIT = 4.0  # sustainable: normalized latency within 4x the unloaded one
 PAPER_RATIOS = {"orca-oracle": "1.7-2.7x", "orca-pow2": "-", "orca-max": "2.7-8x", "static": "up to 22x"}
@@ -63,7 +62,7 @@ SIMULATED_SIZES = {
 
 def measure(size: str | dict = DEFAULT_SIZE, simulate: bool = False) -> dict:
     """Real execution: serve every (dataset, rate) trace with every system, one engine per
-    system, on a clock that this machine calibrates (calibrate); or with simulate,
+    system, on a modelled clock (clock_model); or with simulate,
     simulate_paper_scale. size: a name in SIZES or a dict like its values."""
     if simulate:
         return simulate_paper_scale(size)
@@ -72,23 +71,22 @@ def measure(size: str | dict = DEFAULT_SIZE, simulate: bool = False) -> dict:
                                       rate=r)
               for d in config["datasets"] for r in config["rates"]}
     ours, rates = make_engine("paged-jax", setup, warm_up=config["warm_up"]), config["rates"]
-    cost, error = calibrate(ours, *(traces[config["datasets"][0], r] for r in (rates[0], rates[-1])))
-    clock = functools.partial(step_seconds, cost)
+    cost = clock_model(ours, *(traces[config["datasets"][0], r] for r in (rates[0], rates[-1])))
     runs = []
     with tqdm(total=len(config["systems"]) * len(traces), desc="request_rate") as progress:
         for system in config["systems"]:  # the others compile as they go: the modelled clock does not see it
             engine = ours if system == "paged-jax" else make_engine(system, setup, warm_up=False)
             for (dataset, rate), requests in traces.items():
-                run = serve(EngineServer(engine, requests, clock=clock), requests)
+                run = serve(EngineServer(engine, requests, clock=cost.step_seconds), requests)
                 runs.append(dict(system=system, dataset=dataset, rate=rate, **dataclasses.asdict(run)))
                 progress.update()
     return dict(machine=device_kind(), mode="real execution, modelled clock", setup=dataclasses.asdict(setup),
-                config=config, runs=runs, cost_model=dict(dataclasses.asdict(cost), relative_error=error),
+                config=config, runs=runs, cost_model=clock_record(cost, ours),
                 traces=[describe(DATASETS[d], traces[d, config["rates"][0]], setup.max_model_len)
                         for d in config["datasets"]])
 
 
-# This CPU's step times: the mean of three fits of calibrate to our engine serving the quick
+# This CPU's step times: the mean of three fits of clock_model to our engine serving the quick
 # traces, the machine idle (2 cores, 2026-12-05). The fits scatter (per token 270-490 us, per
 # cached token 1.3-3.5 us: the two grow together, so a fit trades one for the other), and a
 # clock refitted in every run moved every ratio read off a sweep with it (mean batch vs Orca
@@ -97,30 +95,38 @@ CPU_CLOCK = CostModel(fixed=0.88e-3, per_token=370e-6, per_context_token=2.2e-6,
                       source="this 2-core CPU's step-time model (request_rate.CPU_CLOCK, fitted idle)")
 
 
-def calibrate(engine: LLMEngine, *traces: list) -> tuple[CostModel, float]:
-    """The clock's step-time model, and its mean relative error over our engine's steps
-    serving the traces on the wall clock (small batches and large; stalls and compilations,
-    over 3x the model, left out). On a GPU the model is fitted to those steps; on a CPU, whose
-    fits scatter with the shared machine's load, it is CPU_CLOCK. The sweep then runs on this
-    clock, because wall-clock steps on a shared CPU swing with the other processes' load, and
-    with them the order of admissions and every ratio read off the sweep."""
+def clock_model(engine: LLMEngine, *traces: list) -> CostModel:
+    """The modelled clock's step-time model. On a CPU, CPU_CLOCK. Elsewhere, fitted to our
+    engine serving the traces on the wall clock (small batches and large; stalls and
+    compilations, over 3x a first fit's time, left out). The sweeps run on this clock, because
+    wall-clock steps on a shared CPU swing with the other processes' load, and with them the
+    order of admissions and every ratio read off a sweep."""
+    if jax.default_backend() == "cpu":
+        return CPU_CLOCK
     log = []
     for requests in traces:
         server = EngineServer(engine, requests)
         serve(server, requests)
         log += server.log()
-    first = CPU_CLOCK if jax.default_backend() == "cpu" else CostModel.fit(log, "first fit")
-    kept = [r for r in log if r.seconds < 3 * step_seconds(first, r)]  # not stalls, not compilations
-    if first is CPU_CLOCK:  # the fixed clock, and how far this run's steps were from it
-        return CPU_CLOCK, CPU_CLOCK.relative_error(kept)
-    cost = CostModel.fit(kept, f"fit to {len(kept)} of {len(log)} steps of ours serving the traces on the wall "
+    first = CostModel.fit(log, "first fit")
+    kept = [r for r in log if r.seconds < 3 * first.step_seconds(r)]
+    return CostModel.fit(kept, f"fit to {len(kept)} of {len(log)} steps of ours serving the traces on the wall "
                                "clock, those over 3x a first fit's time left out")
-    return cost, cost.relative_error(kept)
 
 
-def step_seconds(cost: CostModel, record: StepRecord) -> float:
-    """A step's time on the modelled clock (a decode loop of k steps costs k steps)."""
-    return record.num_steps * cost.seconds(record.num_tokens, record.num_context_tokens)
+def clock_record(cost: CostModel, engine: LLMEngine) -> dict:
+    """The clock's model for a results file, with its mean relative error over our engine's
+    wall-clock steps in the run (stalls and compilations, over 3x the model, left out): how far
+    this run's steps were from the clock."""
+    kept = [r for r in engine.step_log if r.seconds < 3 * cost.step_seconds(r)]
+    return dict(dataclasses.asdict(cost), relative_error=cost.relative_error(kept) if kept else float("nan"))
+
+
+def describe_clock(cost: dict) -> str:
+    """The clock's model as a table says it."""
+    return (f"{cost['fixed'] * 1e3:.2f} ms + {cost['per_token'] * 1e6:.0f} us/token + "
+            f"{cost['per_context_token'] * 1e9:.0f} ns per cached token ({cost['source']}; mean error "
+            f"{100 * cost['relative_error']:.0f}% over our engine's wall-clock steps of the run)")
 
 
 def simulate_paper_scale(size: str | dict = "quick", scale: Scale = Scale(), cost: CostModel = A100_OPT13B) -> dict:
@@ -196,16 +202,14 @@ def table(data: dict) -> str:
              "lowest rate; a '>' rate never crossed that limit, a '<' rate was above it from the start (the "
              "ratios are then bounds).\n"]
     cost = data["cost_model"]
-    if cost:
+    if "relative_error" in cost:  # real execution
+        parts.append(f"Step-time model: {describe_clock(cost)}. Every run is timed on that model's clock: the "
+                     "engine admits, schedules, preempts and computes every step as it would serve, and the model "
+                     "says what each step cost, so the shared machine's load does not move the results.\n")
+    else:
         parts.append(f"Step-time model ({cost['source']}): {cost['fixed'] * 1e3:.2f} ms + "
                      f"{cost['per_token'] * 1e6:.1f} us/token + {cost['per_context_token'] * 1e9:.0f} ns per "
-                     "cached token" + (f", mean error {100 * cost['relative_error']:.0f}% over the measured steps"
-                                       if "relative_error" in cost else "") + ".\n")
-    if data["mode"].startswith("real execution"):
-        parts.append("Every run is timed on that model's clock: the engine admits, schedules, preempts and "
-                     "computes every step as it would serve, and the model says what each step cost, so the "
-                     "shared machine's load moves the model's coefficients (which shift the curves in rate) but "
-                     "not each step.\n")
+                     "cached token.\n")
     parts += [f"- {t}" for t in data["traces"]]
     for dataset in data["config"]["datasets"]:
         rows = []

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from experiments.common import RESULTS, device_kind, device_slug, markdown_table, new_figure, write_result
+from experiments.common import device_kind, device_slug, markdown_table, new_figure, publish
 from experiments.workloads import SHAREGPT, arrival_times, describe, sample_requests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -398,12 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row["idle_cpu_s"] = round(sum(map(_cpu_seconds, others)) - before, 2)
                 data["systems"][system]["rates"].append(row)
     name = args.output or f"serving_{device_slug()}"
-    body = table(data)
-    print(body)
-    write_result(name, "Online serving: our OpenAI server against `transformers serve`", body)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    plot(data).savefig(RESULTS / f"{name}.png", dpi=120, bbox_inches="tight")
-    print(f"wrote {RESULTS / name}.md, .json, .png")
+    publish(name, "Online serving: our OpenAI server against `transformers serve`", table(data), data, plot(data))
     return data
 
 

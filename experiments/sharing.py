@@ -147,7 +147,7 @@ def prefix_runs(engine: dict, num_requests: int, repeats: int) -> tuple[list[dic
         for name, length in PREFIXES.items():
             warm = prefix_prompts(vocab_size, length, num_requests, seed=0)
             turns = {False: [], True: []}
-            for caching, llm in llms.items():
+            for llm in llms.values():
                 prefix_throughput(llm, *warm)
             for seed in range(1, repeats + 1):
                 prompts, output_lens = prefix_prompts(vocab_size, length, num_requests, seed)

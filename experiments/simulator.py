@@ -32,7 +32,7 @@ from experiments.serving import ServingRun, serve, system_args
 from experiments.workloads import Request
 from paged_jax.beam_search import BeamSearchParams
 from paged_jax.block_manager import make_block_manager
-from paged_jax.engine import StepRecord, beam_request, continue_beams
+from paged_jax.engine import StepRecord, beam_request, continue_beams, fork_siblings
 from paged_jax.outputs import RequestMetrics
 from paged_jax.scheduler import Scheduler, SchedulerConfig
 from paged_jax.sequence import Sequence, SequenceGroup
@@ -59,9 +59,13 @@ class CostModel:
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
         return cls(*np.maximum(coef, 0.0).tolist(), source=source)
 
+    def step_seconds(self, record: StepRecord) -> float:
+        """A logged step's time on this model (a decode loop of k steps costs k steps)."""
+        return record.num_steps * self.seconds(record.num_tokens, record.num_context_tokens)
+
     def relative_error(self, log: list[StepRecord]) -> float:
         """Mean |predicted - measured| / measured over the steps: how well the form fits."""
-        predicted = np.array([r.num_steps * self.seconds(r.num_tokens, r.num_context_tokens) for r in log])
+        predicted = np.array([self.step_seconds(r) for r in log])
         measured = np.array([r.seconds for r in log])
         return float(np.mean(np.abs(predicted - measured) / measured))
 
@@ -91,8 +95,8 @@ class SimulatedServer:
         config = system_args(system)
         num_blocks = scale.kv_slots // scale.block_size
         manager = config.get("memory_manager", "paged")
-        sharing = {} if manager != "paged" else dict(enable_block_sharing=config.get("enable_block_sharing", True))
-        self.blocks = make_block_manager(manager, num_blocks, scale.block_size, scale.max_model_len, **sharing)
+        self.blocks = make_block_manager(manager, num_blocks, scale.block_size, scale.max_model_len,
+                                         enable_block_sharing=config.get("enable_block_sharing", True))
         self.static = config.get("batching") == "static"
         self.scheduler = Scheduler(SchedulerConfig(scale.max_num_seqs, scale.max_num_batched_tokens,
                                                    batching="static" if self.static else "continuous"), self.blocks)
@@ -132,10 +136,8 @@ class SimulatedServer:
         self.blocks_named, self.blocks_used = self.blocks_named + named, self.blocks_used + used
         rows = out.sampler_rows()
         beams: dict[int, tuple[SequenceGroup, list[Sequence]]] = {}
+        fork_siblings(rows, self.blocks)
         for _, chunk, seq in rows:
-            if seq is not chunk.seq:  # the prompt is computed: its sibling forks from it
-                self.blocks.fork(chunk.seq, seq)
-                seq.born = True
             if chunk.group.beam:
                 beams.setdefault(id(chunk.group), (chunk.group, []))[1].append(seq)
                 continue

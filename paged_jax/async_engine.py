@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from paged_jax.beam_search import BeamSearchParams
+from paged_jax.data_parallel import make_engine
 from paged_jax.engine import EngineArgs, LLMEngine
 from paged_jax.outputs import RequestOutput
 from paged_jax.sampling import SamplingParams
@@ -172,7 +173,7 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **hooks) -> AsyncLLMEngine:
-        return cls(LLMEngine(args), **hooks)
+        return cls(make_engine(args), **hooks)
 
     # -- the client's side ---------------------------------------------------------------------
 

@@ -26,6 +26,9 @@ from paged_jax.sequence import Sequence, SequenceGroup
 
 
 def _padded(blocks: list[int]) -> np.ndarray:
+    """Block ids padded with -1 to a power-of-two width, as a host array: the jitted allocator
+    places it with its state (on the state's device), at less than half the cost of an explicit
+    device_put; a warm-up must pass the same kind of array, or each operation compiles again."""
     width = 8
     while width < len(blocks):
         width *= 2
@@ -38,7 +41,6 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, device: jax.Device):
         self.num_blocks = num_blocks
-        self.device = device
         self.state = allocator.init_allocator(num_blocks, device)
         self._mirror()
 
@@ -46,19 +48,13 @@ class BlockPool:
         self.num_free = int(self.state.num_free)
         self.refs = np.asarray(self.state.ref_counts)  # int32[num_blocks]
 
-    @staticmethod
-    def _ids(blocks: list[int]) -> np.ndarray:
-        """Padded block ids, passed to the allocator as a host array: the jitted call places it
-        with the state (its device), at less than half the cost of an explicit device_put."""
-        return _padded(blocks)
-
     def allocate(self, n: int) -> list[int] | None:
         """n blocks, or None (and nothing taken) when fewer are free."""
         if n == 0:
             return []
         if n > self.num_free:
             return None
-        self.state, blocks, ok = allocator.allocate_where(self.state, self._ids([0] * n) >= 0)
+        self.state, blocks, ok = allocator.allocate_where(self.state, _padded([0] * n) >= 0)
         self._mirror()
         assert bool(ok)
         return [int(b) for b in np.asarray(blocks)[:n]]
@@ -66,19 +62,19 @@ class BlockPool:
     def free(self, blocks: list[int]) -> None:
         """Drop one reference per entry (a block may repeat)."""
         if blocks:
-            self.state = allocator.free(self.state, self._ids(blocks))
+            self.state = allocator.free(self.state, _padded(blocks))
             self._mirror()
 
     def fork(self, blocks: list[int]) -> None:
         """One more reference per entry."""
         if blocks:
-            self.state = allocator.fork(self.state, self._ids(blocks))
+            self.state = allocator.fork(self.state, _padded(blocks))
             self._mirror()
 
     def copy_on_write(self, blocks: list[int]) -> list[int]:
         """For each block about to be written, the block to write instead (itself when
         private); the caller checked there is room."""
-        self.state, targets, _, ok = allocator.copy_on_write(self.state, self._ids(blocks))
+        self.state, targets, _, ok = allocator.copy_on_write(self.state, _padded(blocks))
         self._mirror()
         assert bool(ok)
         return [int(b) for b in np.asarray(targets)[: len(blocks)]]
@@ -92,7 +88,7 @@ class BlockPool:
         """Compile the allocator for every padded width up to max_blocks (no-op requests)."""
         width = 8
         while True:
-            nothing = jax.device_put(np.full(width, -1, np.int32), self.device)
+            nothing = np.full(width, -1, np.int32)  # host ids, as every operation passes them
             self.state, _, _ = allocator.allocate_where(self.state, nothing >= 0)
             self.state = allocator.fork(allocator.free(self.state, nothing), nothing)
             self.state, _, _, _ = allocator.copy_on_write(self.state, nothing)

@@ -41,7 +41,6 @@ class DataParallelEngine:
         first = self.engines[0]
         self.model, self.tokenizer, self.eos_token_ids = first.model, first.tokenizer, first.eos_token_ids
         self.max_model_len, self.max_num_batched_tokens = first.max_model_len, first.max_num_batched_tokens
-        self._owner: dict[str, LLMEngine] = {}
         self._threads = ThreadPoolExecutor(dp, thread_name_prefix="paged-jax-dp")
 
     @property
@@ -74,15 +73,13 @@ class DataParallelEngine:
         return len(engine.groups), tokens
 
     def add_request(self, request_id: str, prompt, params=None, arrival_time: float | None = None) -> None:
-        if request_id in self._owner:
+        if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         engine = min(self.engines, key=self.load)  # ties: the first
         engine.add_request(request_id, prompt, params, arrival_time)
-        self._owner[request_id] = engine
 
     def abort_request(self, request_id: str) -> None:
-        engine = self._owner.pop(request_id, None)
-        if engine is not None:
+        for engine in self.engines:  # only its own engine holds it; the others ignore the id
             engine.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -91,11 +88,7 @@ class DataParallelEngine:
     def step(self) -> list[RequestOutput]:
         """One step of every engine with work, concurrently; their outputs together."""
         busy = [e for e in self.engines if e.has_unfinished_requests()]
-        outputs = [o for result in self._threads.map(LLMEngine.step, busy) for o in result]
-        for output in outputs:
-            if output.finished:
-                self._owner.pop(output.request_id, None)
-        return outputs
+        return [o for result in self._threads.map(LLMEngine.step, busy) for o in result]
 
     def stats(self) -> dict:
         per_engine = [e.stats() for e in self.engines]
@@ -104,3 +97,8 @@ class DataParallelEngine:
 
     def wait_for_compiles(self, timeout: float | None = None) -> bool:
         return all(e.wait_for_compiles(timeout) for e in self.engines)
+
+
+def make_engine(args: EngineArgs) -> LLMEngine | DataParallelEngine:
+    """The engine the arguments ask for: one, or D behind the data-parallel front."""
+    return LLMEngine(args) if args.data_parallel_size == 1 else DataParallelEngine(args)

@@ -37,7 +37,7 @@ from paged_jax.outputs import Logprob, RequestMetrics, RequestOutput
 from paged_jax.reservation import POLICIES, MemoryUsage
 from paged_jax.runner import ModelRunner, Sampled
 from paged_jax.sampling import SamplingParams, request_key
-from paged_jax.scheduler import Scheduler, SchedulerConfig
+from paged_jax.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from paged_jax.sequence import Sequence, SequenceGroup
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -298,10 +298,7 @@ class LLMEngine:
             chunk.seq.num_computed_tokens = min(limits[i], chunk.num_cached + num_steps) if limits \
                 else chunk.num_cached + chunk.num_new
             chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or scheduled
-        for _, chunk, seq in rows:
-            if seq is not chunk.seq:  # the prompt is computed: its sibling forks from it
-                self.block_manager.fork(chunk.seq, seq)
-                seq.born = True
+        fork_siblings(rows, self.block_manager)
         beams: dict[str, list] = {}
         for (_, chunk, seq), sampled in zip(rows, results):
             group = chunk.group
@@ -495,6 +492,15 @@ def beam_request(params: BeamSearchParams, eos_token_ids: tuple[int, ...]) -> tu
     beam = BeamSearch(params, eos_token_ids)
     return beam, SamplingParams(n=params.beam_width, temperature=0.0, max_tokens=params.max_tokens,
                                 ignore_eos=params.ignore_eos, logprobs=beam.num_candidates)
+
+
+def fork_siblings(rows: list[tuple[int, ScheduledChunk, Sequence]], blocks) -> None:
+    """A request's siblings fork from its first sequence once the prompt is computed (the
+    sampler rows whose sequence is not the chunk's own)."""
+    for _, chunk, seq in rows:
+        if seq is not chunk.seq:
+            blocks.fork(chunk.seq, seq)
+            seq.born = True
 
 
 def continue_beams(group: SequenceGroup, beams: list[Sequence], keep: list[Continuation], blocks,

@@ -13,8 +13,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from paged_jax.beam_search import BeamSearchParams
-from paged_jax.data_parallel import DataParallelEngine
-from paged_jax.engine import EngineArgs, LLMEngine
+from paged_jax.data_parallel import DataParallelEngine, make_engine
+from paged_jax.engine import EngineArgs
 from paged_jax.kv_snapshot import KVSnapshot
 from paged_jax.outputs import BeamSearchOutput, BeamSearchSequence, RequestMetrics, RequestOutput
 from paged_jax.sampling import SamplingParams
@@ -30,7 +30,7 @@ class LLM:
         memory_manager, tensor_parallel_size, data_parallel_size, ...), by keyword, as vLLM's LLM
         takes them. data_parallel_size > 1 serves through D engines behind one front."""
         args = EngineArgs(model=str(model), **engine_args)
-        self.engine = LLMEngine(args) if args.data_parallel_size == 1 else DataParallelEngine(args)
+        self.engine = make_engine(args)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

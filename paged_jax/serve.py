@@ -24,8 +24,8 @@ from paged_jax import multihost
 from paged_jax.api_server import DEFAULT_MAX_BODY_BYTES, ServerConfig, build_app
 from paged_jax.async_engine import AsyncLLMEngine
 from paged_jax.chat_template import load_chat_template
-from paged_jax.data_parallel import DataParallelEngine
-from paged_jax.engine import BATCHING, MEMORY_MANAGERS, PREEMPTION_MODES, EngineArgs, LLMEngine
+from paged_jax.data_parallel import make_engine
+from paged_jax.engine import BATCHING, MEMORY_MANAGERS, PREEMPTION_MODES, EngineArgs
 from paged_jax.metrics import ServingMetrics
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-llama"
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.coordinator_address:
         multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
     logger.info("loading %s and compiling its steps", model)
-    engine = LLMEngine(settings) if settings.data_parallel_size == 1 else DataParallelEngine(settings)
+    engine = make_engine(settings)
     if args.coordinator_address:
         if args.process_id != 0:
             print(f"paged-jax: process {args.process_id} follows process 0", flush=True)

@@ -77,29 +77,32 @@ def ragged_paged_attention_xla(
 
     # Tiles sorted by how much context they read, in groups that each stop at their own
     # longest: a batch of mostly short sequences no longer pays for its longest one everywhere.
-    groups = LENGTH_GROUPS if num_tiles >= MIN_TILES_TO_GROUP else 1
-    size = cdiv(num_tiles, groups)
-    order = jnp.argsort(kv_end)
+    # Few tiles make one group, read unsorted.
+    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
+    tile = jnp.clip(tile, 0, num_tiles - 1)
+    if num_tiles < MIN_TILES_TO_GROUP:
+        out = _attend(q_tiles, k_pages, v_pages, tables, row_pos, kv_end, plan, scale)  # [Hkv, tiles, rows, D]
+    else:
+        size = cdiv(num_tiles, LENGTH_GROUPS)
+        order = jnp.argsort(kv_end)
 
-    def sorted_padded(x, axis, fill=0):  # tiles in order, padded with empty tiles to groups x size
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, groups * size - num_tiles)
-        return jnp.pad(jnp.take(x, order, axis=axis), widths, constant_values=fill)
+        def sorted_padded(x, axis, fill=0):  # tiles in order, padded with empty tiles to groups x size
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, LENGTH_GROUPS * size - num_tiles)
+            return jnp.pad(jnp.take(x, order, axis=axis), widths, constant_values=fill)
 
-    q_tiles, tables, kv_end = sorted_padded(q_tiles, 1), sorted_padded(tables, 0), sorted_padded(kv_end, 0)
-    row_pos = sorted_padded(row_pos, 0, fill=-1)
-    parts = []
-    for g in range(groups):
-        part = functools.partial(lax.slice_in_dim, start_index=g * size, limit_index=(g + 1) * size)
-        parts.append(_attend(part(q_tiles, axis=1), k_pages, v_pages, part(tables, axis=0), part(row_pos, axis=0),
-                             part(kv_end, axis=0), plan, scale))
-    out = jnp.concatenate(parts, axis=1)[:, :num_tiles]  # [Hkv, tiles (sorted), rows, D]
-    out = jnp.zeros_like(out).at[:, order].set(out)
+        q_tiles, tables, kv_end = sorted_padded(q_tiles, 1), sorted_padded(tables, 0), sorted_padded(kv_end, 0)
+        row_pos = sorted_padded(row_pos, 0, fill=-1)
+        parts = []
+        for g in range(LENGTH_GROUPS):
+            part = functools.partial(lax.slice_in_dim, start_index=g * size, limit_index=(g + 1) * size)
+            parts.append(_attend(part(q_tiles, axis=1), k_pages, v_pages, part(tables, axis=0),
+                                 part(row_pos, axis=0), part(kv_end, axis=0), plan, scale))
+        out = jnp.concatenate(parts, axis=1)[:, :num_tiles]  # [Hkv, tiles (sorted), rows, D]
+        tile = jnp.argsort(order)[tile]  # where each token's tile went in the sorted order
     out = out.reshape(num_kv_heads, num_tiles, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
     out = out.reshape(num_tiles, tpt, num_q_heads, head_dim)
-
-    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
-    out = out[jnp.clip(tile, 0, num_tiles - 1), index]
+    out = out[tile, index]
     return jnp.where(is_query[:, None, None], out, 0.0).astype(q.dtype)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.common import device_slug, result_name
-from experiments.request_rate import step_seconds, sustainable_rate
+from experiments.request_rate import sustainable_rate
 from experiments.simulator import A100_OPT13B, CostModel, simulate
 from experiments.workloads import ALPACA, SHAREGPT, random_requests, sample_requests
 from paged_jax.engine import StepRecord
@@ -85,7 +85,7 @@ def test_cost_model_fit_recovers_known_step_times():
 def test_the_modelled_clock_charges_a_decode_loop_for_each_of_its_steps():
     cost = CostModel(fixed=2e-3, per_token=5e-5, per_context_token=1e-7, source="test")
     loop = StepRecord(4, 4, 400, 8, 1.0, MemoryUsage(0, 0, 0, 0, 1), False)
-    assert step_seconds(cost, loop) == pytest.approx(8 * cost.seconds(4, 400))
+    assert cost.step_seconds(loop) == pytest.approx(8 * cost.seconds(4, 400))
 
 
 # -- reading the figures -----------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +16,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_process import free_port
 from serving import generate_ids, make_llm
 
 from multihost_checks import PROMPTS
 from paged_jax import multihost
+from paged_jax.serve import DEFAULT_MODEL
 
 SCRIPT = Path(__file__).parent / "multihost_checks.py"
 BOUND = 120  # seconds from the peer's death to the survivor's exit, start-up included
-REPO_MODEL = Path(__file__).resolve().parent.parent / "models" / "stdlib-llama"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def job(checkpoint):
     path = checkpoint("llama")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), port, str(path)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]
     start = time.monotonic()
@@ -70,7 +64,7 @@ def served(tmp_path_factory):
     from server_process import REPO, running_server
 
     logs = tmp_path_factory.mktemp("multihost_serve")
-    flags = ["--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--tensor-parallel-size",
+    flags = ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--tensor-parallel-size",
              "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--num-scheduler-steps", "1"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     with open(logs / "follower.log", "wb") as log:
@@ -94,7 +88,7 @@ def served(tmp_path_factory):
 def test_serving_across_two_processes_equals_one_process(served):
     from paged_jax import LLM, SamplingParams
 
-    llm = LLM(str(REPO_MODEL), max_num_seqs=4, max_num_batched_tokens=32, warm_up=False)
+    llm = LLM(str(DEFAULT_MODEL), max_num_seqs=4, max_num_batched_tokens=32, warm_up=False)
     expected = llm.generate(["def main("], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
     assert served["text"] == served["later"] == expected[0].outputs[0].text
 

@@ -82,7 +82,7 @@ def test_serving_during_background_compiles_gives_the_same_tokens_and_never_comp
 
 
 def test_auto_dtype_computes_half_precision_checkpoints_in_float32_on_a_cpu():
-    from test_default_model import MODEL_DIR  # stored in bfloat16
+    from paged_jax.serve import DEFAULT_MODEL as MODEL_DIR  # stored in bfloat16
 
     import jax.numpy as jnp
     from paged_jax import LLM
