@@ -45,7 +45,7 @@ from tqdm import tqdm
 from experiments.common import device_kind, figure_main, markdown_table, new_figure
 from experiments.request_rate import clock_model, clock_record, describe_clock
 from experiments.serving import PAPER_KV_SLOTS, EngineServer, Setup, default_setup, make_engine, serve
-from experiments.simulator import A100_OPT13B, BEAM_SPREAD, Scale, SimulatedServer
+from experiments.simulator import A100_OPT13B, BEAM_SPREAD, Scale, simulated_server
 from experiments.workloads import ALPACA, Decoding, Request, chatbot_requests, sample_requests
 
 NAME = "decoding_rate"
@@ -129,7 +129,7 @@ def measure(size: str = DEFAULT_SIZE, simulate: bool = False) -> dict:
     def serve_at(system: str, case: str, rate: float) -> dict:
         requests = trace(case, config["requests"], rate, max_model_len)
         if simulate:
-            server = SimulatedServer(system, requests, Scale(), A100_OPT13B)
+            server = simulated_server(system, requests, Scale(), A100_OPT13B)
             return dict(dataclasses.asdict(serve(server, requests)), saving=server.sharing_saving())
         if system not in engines:
             engines[system] = make_engine(system, setup, warm_up=size != "tiny", num_gpu_blocks_override=num_blocks)

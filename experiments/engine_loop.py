@@ -1,9 +1,10 @@
 """Thread or executor for AsyncLLMEngine's engine loop: the measurement behind the choice.
 
 Both keep the jitted step off the event loop's thread. The thread (what AsyncLLMEngine does)
-runs steps back to back and hands outputs to the event loop; the executor variant is a
-coroutine that awaits `loop.run_in_executor(None, iteration)` for every step, so the next
-step starts only once the event loop has come back to that coroutine. Clients here do what
+runs steps back to back and hands outputs to the event loop; the executor variant is an
+AsyncLLMEngine without its thread, driven by a coroutine that awaits
+`loop.run_in_executor(None, engine.run_iteration)` for every step, so the next step starts
+only once the event loop has come back to that coroutine. Clients here do what
 the server's streaming handlers do with each output (build and serialise an SSE chunk), over
 the serving benchmark's workload (ShareGPT-like lengths, Poisson arrivals), in one process
 without HTTP so that only the loop differs. Reported: wall time, the share of it the engine
@@ -19,34 +20,28 @@ import asyncio
 import statistics
 import time
 
+import numpy as np
+
 from experiments.common import markdown_table, report
 from experiments.serving_bench import DEFAULT_MODEL, make_prompts
 from experiments.workloads import arrival_times
-from paged_jax.async_engine import AsyncLLMEngine
-from paged_jax.engine import EngineArgs, LLMEngine
-from paged_jax.protocol import CompletionChoice, CompletionStreamResponse
-from paged_jax.sampling import SamplingParams
-
-import numpy as np
-
-
-class ExecutorLoop(AsyncLLMEngine):
-    """The alternative: no engine thread; `drive()` runs each iteration in the default executor."""
-
-    def _start(self) -> None:
-        self._thread = None
-
-    async def drive(self, done: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        while not done.is_set():
-            commands = self._next_commands(wait=False)
-            if commands or self.engine.has_unfinished_requests():
-                await loop.run_in_executor(None, self._iteration, commands)
-            else:
-                await asyncio.sleep(0.0005)  # idle: look again soon
+from paged_jax.engine.async_llm_engine import AsyncLLMEngine
+from paged_jax.engine.llm_engine import LLMEngine
+from paged_jax.engine_args import EngineArgs
+from paged_jax.sampling_params import SamplingParams
+from paged_jax.server.protocol import CompletionChoice, CompletionStreamResponse
 
 
-async def client(engine: AsyncLLMEngine, i: int, prompt: str, max_tokens: int, delay: float) -> tuple[float, float, int]:
+async def drive(engine: AsyncLLMEngine, done: asyncio.Event) -> None:
+    """The alternative to the engine thread: each iteration runs in the default executor."""
+    loop = asyncio.get_running_loop()
+    while not done.is_set():
+        if not await loop.run_in_executor(None, engine.run_iteration):
+            await asyncio.sleep(0.0005)  # idle: look again soon
+
+
+async def client(engine: AsyncLLMEngine, i: int, prompt: str, max_tokens: int,
+                 delay: float) -> tuple[float, float, int]:
     """(TTFT, TPOT, tokens) of one request, serialising a chunk per output as the server does."""
     await asyncio.sleep(delay)
     start = time.perf_counter()
@@ -63,10 +58,10 @@ async def client(engine: AsyncLLMEngine, i: int, prompt: str, max_tokens: int, d
     return first - start, (last - first) / max(1, tokens - 1), tokens
 
 
-async def run_once(engine: AsyncLLMEngine, prompts, rate: float, seed: int) -> dict:
+async def run_once(engine: AsyncLLMEngine, prompts, rate: float, seed: int, executor: bool) -> dict:
     arrivals = arrival_times(len(prompts), rate, 1.0, np.random.default_rng(seed))
     done = asyncio.Event()
-    driver = asyncio.create_task(engine.drive(done)) if isinstance(engine, ExecutorLoop) else None
+    driver = asyncio.create_task(drive(engine, done)) if executor else None
     steps_before = len(engine.engine.step_log)
     begin = time.perf_counter()
     results = await asyncio.gather(*(client(engine, i, p, m, arrivals[i]) for i, (p, _, m) in enumerate(prompts)))
@@ -92,10 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {"thread": [], "executor": []}
     for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
         for name in runs:
-            loop_engine = AsyncLLMEngine(engine) if name == "thread" else ExecutorLoop(engine)
-            result = asyncio.run(run_once(loop_engine, prompts, args.rate, seed=repeat))
-            if name == "thread":
-                loop_engine.shutdown()
+            loop_engine = AsyncLLMEngine(engine, start_engine_loop=name == "thread")
+            result = asyncio.run(run_once(loop_engine, prompts, args.rate, seed=repeat, executor=name == "executor"))
+            loop_engine.shutdown()
             if repeat:
                 runs[name].append(result)
     rows = []

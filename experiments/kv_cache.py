@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import figure_main, markdown_table, new_figure
-from paged_jax.engine import EngineArgs, LLMEngine
-from paged_jax.kv_snapshot import KVSnapshot
-from paged_jax.sampling import SamplingParams
+from paged_jax.core.kv_snapshot import KVSnapshot
+from paged_jax.engine.llm_engine import LLMEngine
+from paged_jax.engine_args import EngineArgs
+from paged_jax.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "stdlib-llama"

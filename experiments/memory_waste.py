@@ -66,7 +66,8 @@ def table(data: dict) -> str:
             for system in SYSTEMS if system in shares]
     top = max(r["rate"] for r in data["runs"])
     return (f"{request_rate.describe_setup(data)} ShareGPT-like trace at {top:g} req/s; % of the KV cache, "
-            "averaged over the steps after which a request waited.\n\n" + markdown_table(["system", *LABELS, "paper (same order)"], rows))
+            "averaged over the steps after which a request waited.\n\n"
+            + markdown_table(["system", *LABELS, "paper (same order)"], rows))
 
 
 def plot(data: dict):

@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.common import device_slug, markdown_table, report, time_call
-from paged_jax.cache import SequenceChunk, build_metadata, init_kv_cache
-from paged_jax.config import ModelConfig
-from paged_jax.models import random_model
+from paged_jax.model import random_model
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.model.config import ModelConfig
 
 OPT_125M = ModelConfig(
     family="opt", architecture="OPTForCausalLM", vocab_size=50272, hidden_size=768, num_layers=12,
@@ -43,7 +43,7 @@ def step_time(model, batch: int, new_tokens: int, context: int) -> float:
     chunks = [SequenceChunk(table.tolist(), context - new_tokens, new_tokens) for table in tables]
     positions, meta = build_metadata(chunks, BLOCK_SIZE, max_blocks_per_seq=blocks_per_seq)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, model.config.vocab_size, batch * new_tokens), jnp.int32)
-    state = {"cache": init_kv_cache(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.dtype)}
+    state = {"cache": init_kv_cache(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.dtype, model.mesh)}
 
     def call():
         logits, state["cache"] = model.forward(model.params, tokens, positions, state["cache"], meta)

@@ -9,7 +9,7 @@ them as one prefill step.
   step for the prompt's token bucket, then sampling), as the engine runs it when a request
   preempted by recompute is prefilled again.
 - Swap: the block manager's (device, host) pairs for those sequences' ceil(tokens / block size)
-  blocks each, moved by the runner's `_swap_out` and back by its `_swap_in` (what `execute`
+  blocks each, moved by the runner's `swap_out` and back by its `swap_in` (what `execute`
   does with a step's swap lists), timed separately and summed: the paper's "swap in + out".
 Times are medians of a few back-to-back repeats (common.time_call), compilation excluded.
 
@@ -29,8 +29,8 @@ import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import numpy as np
@@ -39,11 +39,12 @@ from experiments.common import device_kind, figure_main, markdown_table, new_fig
 from experiments.sharing import SAVING_MODEL
 from experiments.throughput import CPU as THROUGHPUT_CPU
 from experiments.throughput import GPU as THROUGHPUT_GPU
-from paged_jax.cache import kv_cache_bytes_per_block
-from paged_jax.engine import EngineArgs, LLMEngine
-from paged_jax.loader import read_config, resolve_dtype
-from paged_jax.models import param_shapes
-from paged_jax.sampling import SamplingParams
+from paged_jax.engine.llm_engine import LLMEngine
+from paged_jax.engine_args import EngineArgs
+from paged_jax.model import param_shapes
+from paged_jax.model.cache import kv_cache_bytes_per_block
+from paged_jax.model.loader import read_config, resolve_dtype
+from paged_jax.sampling_params import SamplingParams
 from paged_jax.sequence import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def _engine(path: Path, block_size: int, sizes: dict) -> LLMEngine:
 def _prefill(engine: LLMEngine, sizes: dict):
     """Queue the requests and schedule them: one step that computes every prompt whole."""
     rng = np.random.default_rng(0)
-    vocab_size = engine.model.config.vocab_size
+    vocab_size = engine.executor.model.config.vocab_size
     for i in range(sizes["num_seqs"]):
         prompt = rng.integers(3, vocab_size, sizes["tokens"]).tolist()
         engine.add_request(f"r{i}", {"prompt_token_ids": prompt},
@@ -111,7 +112,7 @@ def _prefill(engine: LLMEngine, sizes: dict):
 
 
 def _recompute_seconds(engine: LLMEngine, out, repeats: int) -> float:
-    runner, rows = engine.runner, out.sampler_rows()
+    runner, rows = engine.executor, out.sampler_rows()
 
     def step():
         runner.execute(out, rows)  # returns sampled tokens on the host: synchronous
@@ -122,15 +123,15 @@ def _recompute_seconds(engine: LLMEngine, out, repeats: int) -> float:
 
 def _swap_seconds(engine: LLMEngine, seqs: list[Sequence], repeats: int) -> tuple[float, float, int]:
     """(swap out, swap in) seconds for the sequences' blocks, and how many blocks moved."""
-    blocks, runner = engine.block_manager, engine.runner
+    blocks, runner = engine.block_manager, engine.executor
     out_pairs = blocks.swap_out(seqs)
     in_pairs = blocks.swap_in(seqs)
 
     def swap_in():
-        runner._swap_in(in_pairs)
+        runner.swap_in(in_pairs)
         return runner.kv_cache
 
-    swap_out = time_call(lambda: runner._swap_out(out_pairs), repeats=repeats)  # device_get: synchronous
+    swap_out = time_call(lambda: runner.swap_out(out_pairs), repeats=repeats)  # device_get: synchronous
     return swap_out, time_call(swap_in, repeats=repeats), len(out_pairs)
 
 
@@ -182,8 +183,8 @@ def table(data: dict) -> str:
 
 
 def _headline_ratios(data: dict) -> str:
-    """The range and median over the block sizes: one block size's ratio of two sub-10 ms
-    medians moves by 2x from run to run on a shared CPU, the range and median far less."""
+    """The range and median over the block sizes: one block size's ratio of two short
+    medians moves a lot from run to run on a shared CPU, the range and median far less."""
     ratios = [100 * _ratio(r) for r in data["rows"]]
     sizes = [r["block_size"] for r in data["rows"]]
     return (f"{min(ratios):.0f}-{max(ratios):.0f} % over block sizes {sizes[0]}-{sizes[-1]} "

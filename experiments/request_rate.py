@@ -10,8 +10,9 @@ of Oracle and 4.3x those of Max (Fig. 13a).
 
 By real execution the engine serves every trace, timed on a clock modelled from this
 machine's steps (clock_model): on a shared CPU, wall-clock steps swing with the other
-processes' load, and two such runs had put the mean-batch ratios at 1.1x / 1.4x and 0.7x /
-0.8x. On a CPU that clock is one fixed model (CPU_CLOCK), so a rerun gives the same ratios.
+processes' load, and the ratios of two wall-clock runs disagreed (the notes of
+experiments/results/README.md). On a CPU that clock is one fixed model (CPU_CLOCK), so a rerun
+gives the same ratios.
 At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the simulator
 (experiments/simulator.py): the same scheduler and memory managers, modelled step times.
 
@@ -30,9 +31,10 @@ from tqdm import tqdm
 
 from experiments.common import device_kind, figure_main, markdown_table, new_figure
 from experiments.serving import SYSTEMS, EngineServer, Setup, default_setup, make_engine, serve
-from experiments.simulator import A100_OPT13B, CostModel, Scale, simulate
+from experiments.simulator import A100_OPT13B, Scale, simulate
 from experiments.workloads import DATASETS, describe, sample_requests
-from paged_jax.engine import LLMEngine
+from paged_jax.engine.llm_engine import LLMEngine
+from paged_jax.worker.cost_model import CostModel
 
 LIMIT = 4.0  # sustainable: normalized latency within 4x the unloaded one
 PAPER_RATIOS = {"orca-oracle": "1.7-2.7x", "orca-pow2": "-", "orca-max": "2.7-8x", "static": "up to 22x"}
@@ -87,10 +89,10 @@ def measure(size: str | dict = DEFAULT_SIZE, simulate: bool = False) -> dict:
 
 
 # This CPU's step times: the mean of three fits of clock_model to our engine serving the quick
-# traces, the machine idle (2 cores, 2026-12-05). The fits scatter (per token 270-490 us, per
-# cached token 1.3-3.5 us: the two grow together, so a fit trades one for the other), and a
-# clock refitted in every run moved every ratio read off a sweep with it (mean batch vs Orca
-# Oracle 1.30-1.69x over five runs); on a CPU the sweeps run on this one clock instead.
+# traces, the machine idle (2 cores, 2026-12-05). The fits scatter (the per-token and
+# per-cached-token costs grow together, so a fit trades one for the other), and a clock refitted
+# in every run moved every ratio read off a sweep with it (both spreads: the notes of
+# experiments/results/README.md); on a CPU the sweeps run on this one clock instead.
 CPU_CLOCK = CostModel(fixed=0.88e-3, per_token=370e-6, per_context_token=2.2e-6,
                       source="this 2-core CPU's step-time model (request_rate.CPU_CLOCK, fitted idle)")
 
@@ -224,7 +226,8 @@ def table(data: dict) -> str:
                  f"{s['batch']:.1f}", f"{s['batch_ratio']:.2f}x", PAPER_BATCH_RATIOS.get(system, "-")]
                 for system, s in top.items()]
         parts.append(f"\n## {dataset}: sustainable rates\n")
-        parts.append(markdown_table(["system", "sustainable rate (req/s)", "ours / it", "paper", "mean batch at top rate",
+        parts.append(markdown_table(["system", "sustainable rate (req/s)", "ours / it", "paper",
+                                     "mean batch at top rate",
                                      "ours / it", "paper (Fig. 13a)"], rows))
     return "\n".join(parts)
 

@@ -6,7 +6,7 @@ sequences of a given length fit at once, the parameters each device holds, the t
 decode step and of a prefill step, and what a step moves between devices (all-reduce and
 all-gather bytes per device, read from the compiled HLO). T = 2 and 4 are measured with the
 vocabulary split over the devices (the default) and replicated, the measurement behind the
-partition rules' choice (paged_jax/parallel.py).
+partition rules' choice (paged_jax/model/sharding.py).
 
 On a CPU the devices are simulated (`--xla_force_host_platform_device_count`, set by this
 module when it runs on a CPU with too few devices): they share the machine's cores, so no
@@ -43,11 +43,11 @@ def measure(path: Path, tp: int, vocab_parallel: bool, budget: int | None, seq_l
     import jax.numpy as jnp
 
     from experiments.common import time_call
-    from paged_jax import parallel
-    from paged_jax.cache import SequenceChunk, build_metadata, kv_cache_bytes_per_block
+    from paged_jax.model import load_model, sharding
+    from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache, kv_cache_bytes_per_block
 
-    mesh = parallel.make_mesh(jax.devices()[:tp])
-    model = parallel.load_model(path, mesh, vocab_parallel=vocab_parallel, attention_backend="auto")
+    mesh = sharding.make_mesh(jax.devices()[:tp])
+    model = load_model(path, mesh, vocab_parallel=vocab_parallel, attention_backend="auto")
     device = mesh.devices.flat[0]
     if budget is None:  # the engine's rule on an accelerator: free memory, less what is in use
         stats = device.memory_stats()
@@ -59,7 +59,7 @@ def measure(path: Path, tp: int, vocab_parallel: bool, budget: int | None, seq_l
                  if s.device == device)
 
     timed_blocks = DECODE_SEQS * DECODE_CONTEXT // BLOCK_SIZE + 1  # the cache the timed steps use
-    cache = parallel.init_kv_cache(model.config, timed_blocks, BLOCK_SIZE, model.dtype, mesh)
+    cache = init_kv_cache(model.config, timed_blocks, BLOCK_SIZE, model.dtype, mesh)
     width = DECODE_CONTEXT // BLOCK_SIZE
     tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(DECODE_SEQS)]
     steps = {
@@ -80,11 +80,11 @@ def measure(path: Path, tp: int, vocab_parallel: bool, budget: int | None, seq_l
 
         out[f"{name}_ms"] = 1000 * time_call(step, repeats=5)
         cache = state["cache"]
-        moved = parallel.collective_bytes(compiled.as_text())
+        moved = sharding.collective_bytes(compiled.as_text())
         out[f"{name}_all_reduce"] = moved.get("all-reduce", 0)
         out[f"{name}_all_gather"] = moved.get("all-gather", 0)
         out[f"{name}_other"] = sum(v for k, v in moved.items() if k not in ("all-reduce", "all-gather"))
-    del cache, model
+    cache = model = None  # freed before the next T loads its model
     jnp.zeros(()).block_until_ready()
     return out
 
@@ -98,8 +98,9 @@ def table(rows: list[dict], simulated: bool, budget_mib: float | None, seq_len: 
          "params MiB / device", "decode step ms", "decode all-reduce KiB", "decode all-gather KiB",
          "prefill step ms", "prefill all-reduce KiB", "other collectives"],
         [[r["tp"], r["vocab"] if r["tp"] > 1 else "-", r["kv_bytes_per_block"], r["blocks"], r["max_batch"],
-          f"{r['param_mib']:.1f}", f"{r['decode_ms']:.1f}", kib(r["decode_all_reduce"]), kib(r["decode_all_gather"]), f"{r['prefill_ms']:.1f}",
-          kib(r["prefill_all_reduce"]), r["decode_other"] + r["prefill_other"]] for r in rows])
+          f"{r['param_mib']:.1f}", f"{r['decode_ms']:.1f}", kib(r["decode_all_reduce"]),
+          kib(r["decode_all_gather"]), f"{r['prefill_ms']:.1f}", kib(r["prefill_all_reduce"]),
+          r["decode_other"] + r["prefill_other"]] for r in rows])
     layers = MODEL["num_hidden_layers"]
     notes = [
         f"Model: random Llama, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "

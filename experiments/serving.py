@@ -21,17 +21,19 @@ from __future__ import annotations
 import functools
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np
 
 from experiments.common import random_llama_checkpoint
 from experiments.workloads import Request, prompt_token_ids
-from paged_jax.engine import EngineArgs, LLMEngine, StepRecord
-from paged_jax.reservation import kv_utilization
+from paged_jax.core.step_record import StepRecord
+from paged_jax.engine.llm_engine import LLMEngine
+from paged_jax.engine_args import EngineArgs
+from paged_jax.kv.interface import kv_utilization
 
 DEFAULT_MODEL = Path(__file__).parent.parent / "models" / "stdlib-llama"
 PAPER_KV_SLOTS = 15_700  # OPT-13B on one A100-40GB (§6.1, Table 1)
@@ -122,8 +124,8 @@ class EngineServer:
     def __init__(self, engine: LLMEngine, requests: list[Request], seed: int = 0,
                  clock: Callable[[StepRecord], float] | None = None):
         self.engine, self.requests, self.clock = engine, requests, clock
-        self.prompts = prompt_token_ids(requests, engine.model.config.vocab_size, seed)
-        self.first_log, self.first_preemptions = len(engine.step_log), engine.scheduler.num_preemptions
+        self.prompts = prompt_token_ids(requests, engine.vocab_size, seed)
+        self.first_log, self.first_preemptions = len(engine.step_log), engine.load().num_preemptions
         self.static = engine.args.batching == "static"
 
     def add(self, i: int) -> None:
@@ -147,16 +149,20 @@ class EngineServer:
         return self.engine.step_log[self.first_log:]
 
     def num_preemptions(self) -> int:
-        return self.engine.scheduler.num_preemptions - self.first_preemptions
+        return self.engine.load().num_preemptions - self.first_preemptions
 
     def check_no_leaks(self) -> None:
         assert not self.engine.has_unfinished_requests()
         self.engine.block_manager.check_no_leaks([])
 
+    def sharing_saving(self) -> float:
+        """Blocks saved by sharing / blocks the tables name, over the engine's life (Fig. 15)."""
+        return self.engine.stats()["block_sharing_saving"]
+
 
 def serve(server, requests: list[Request]) -> ServingRun:
-    """Serve the trace to completion on the clock described above. server: an EngineServer,
-    or the simulator's (experiments/simulator.py)."""
+    """Serve the trace to completion on the clock described above. server: an EngineServer
+    (the simulator's is one too, experiments/simulator.py)."""
     pending = deque(sorted(range(len(requests)), key=lambda i: requests[i].arrival_time))
     finish, batch_of = {}, {}
     clock = requests[pending[0]].arrival_time

@@ -3,7 +3,7 @@ with Poisson arrivals at several rates, sent by an async HTTP client to a runnin
 OpenAI-compatible server, streamed; request throughput, output tokens/s, and TTFT, TPOT, ITL
 and end-to-end latency (mean, median, p99) per rate.
 
-The same workload runs against our server (`python -m paged_jax.serve`) and Hugging Face's
+The same workload runs against our server (`python -m paged_jax.server.serve`) and Hugging Face's
 own (`transformers serve --continuous-batching`), each started here on the same model,
 context and machine. Both stay up and take turns, rate by rate, the first to go alternating:
 the machine's load drifts, and one system measured wholly after the other would carry the
@@ -74,8 +74,19 @@ class Result:
 
 
 def stdlib_corpus() -> str:
-    import argparse as a, collections, dataclasses, email.message, http.client, json as j, logging, pathlib, \
-        shutil as s, subprocess as sp, textwrap, typing, unittest.case
+    import argparse as a
+    import collections
+    import dataclasses
+    import email.message
+    import http.client
+    import json as j
+    import logging
+    import pathlib
+    import shutil as s
+    import subprocess as sp
+    import textwrap
+    import typing
+    import unittest.case
     return "\n\n".join(inspect.getsource(m) for m in (a, collections, dataclasses, email.message, http.client, j,
                                                       logging, pathlib, s, sp, textwrap, typing, unittest.case))
 
@@ -201,7 +212,7 @@ def free_port() -> int:
 def server_command(system: str, model: str, max_model_len: int, dtype: str, port: int,
                    extra: list[str] = ()) -> list[str]:
     if system == "paged-jax":
-        return [sys.executable, "-m", "paged_jax.serve", model, "--host", "127.0.0.1", "--port", str(port),
+        return [sys.executable, "-m", "paged_jax.server.serve", model, "--host", "127.0.0.1", "--port", str(port),
                 "--max-model-len", str(max_model_len), "--dtype", dtype, "--uvicorn-log-level", "warning",
                 *PAGED_JAX_FLAGS, *extra]
     transformers = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
@@ -308,7 +319,8 @@ def comparison(data: dict) -> list[str]:
     lines = ["Ours against `transformers serve --continuous-batching`, rate by rate:", ""]
     for a, b in zip(ours, theirs):
         lines.append(f"- rate {a['rate']:g} req/s: median TTFT {a['ttft_ms']['median']:.0f} ms vs "
-                     f"{b['ttft_ms']['median']:.0f} ms ({_ratio(a['ttft_ms']['median'], b['ttft_ms']['median'], 'lower')}), "
+                     f"{b['ttft_ms']['median']:.0f} ms "
+                     f"({_ratio(a['ttft_ms']['median'], b['ttft_ms']['median'], 'lower')}), "
                      f"output {a['output_throughput']:.0f} vs {b['output_throughput']:.0f} tok/s "
                      f"({_ratio(b['output_throughput'], a['output_throughput'], 'higher')})")
     return lines
@@ -352,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES))
     parser.add_argument("--num-prompts", type=int, default=60)
     parser.add_argument("--max-model-len", type=int, default=256)
-    # float32: the embedded checkpoint is bfloat16, which XLA runs ~20x slower than float32 on
-    # a CPU (no native bf16 matmul); both servers get the same dtype.
+    # float32: the embedded checkpoint is bfloat16, which XLA emulates on a CPU (no native bf16
+    # matmul), far slower than float32; both servers get the same dtype.
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
@@ -364,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts, workload = make_prompts(args.model, args.num_prompts, args.max_model_len, args.seed)
     model_name = args.model
     data = {"machine": device_kind(), "date": time.strftime("%Y-%m-%d"), "model_name": Path(args.model).name,
-            "workload": (f"Model `{Path(args.model).name}` ({args.dtype}), context {args.max_model_len}; {workload}; prompts "
+            "workload": (f"Model `{Path(args.model).name}` ({args.dtype}), context {args.max_model_len}; {workload}; "
+                         "prompts "
                          f"cut from standard-library source; Poisson arrivals; greedy, every request generating "
                          f"its max_tokens; streamed."), "systems": {}}
     if args.base_url:

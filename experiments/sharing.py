@@ -291,7 +291,8 @@ def headline(data: dict) -> list[list[str]]:
             runs = _series(data, workload, kind)
             widths = "/".join(str(r["width"]) for r in runs)
             rows.append(["Fig. 15", f"{KINDS[kind]} saving, {LABELS[workload]}, {WIDTH_NAMES[kind]}={widths}",
-                         _paper_range(workload, kind, [r["width"] for r in runs]), " / ".join(f"{r['saving_pct']:.1f}" for r in runs) + " %"])
+                         _paper_range(workload, kind, [r["width"] for r in runs]),
+                         " / ".join(f"{r['saving_pct']:.1f}" for r in runs) + " %"])
     names = " / ".join(r["prefix"] for r in data["prefix"])
     rows.append(["Fig. 16", f"shared prefix speed-up {names}",
                  " / ".join(PAPER_PREFIX_SPEEDUP[r["prefix"]] for r in data["prefix"]) + " vs Orca (Oracle)",

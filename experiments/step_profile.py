@@ -1,8 +1,8 @@
 """Where a run's milliseconds go: every device call of a real engine run is recorded, then
 replayed in pieces on the same machine, and set beside the matmul roofline of the same work.
 
-Recording wraps the runner's executables (no change to the engine): each call's executable
-and arguments (the KV cache aside). Replaying each call times:
+Recording wraps the runner's executable lookup (`ModelRunner.executable`, no change to the
+engine): each call's executable and arguments (the KV cache aside). Replaying each call times:
 
 - `device`: the call itself (a forward pass, or a decode loop of k steps with its sampler);
 - the same call on the same model with attention returning zeros (KV writes kept): the
@@ -24,7 +24,6 @@ engine's own measure: the step time it did not spend waiting for the device.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections import Counter
 from contextlib import contextmanager
 
@@ -33,11 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import time_call
-from paged_jax import runner as runner_module
-from paged_jax.cache import init_kv_cache
-from paged_jax.models import CausalLM, Model, make_forward
-from paged_jax.runner import Bucket, ModelRunner
-from paged_jax.sampling import SamplerFlags, SamplingBatch, sample
+from paged_jax.model import CausalLM, Model, make_forward
+from paged_jax.model.cache import init_kv_cache
+from paged_jax.worker.model_runner import Bucket, ModelRunner, make_decode_loop
+from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
 
 SAMPLING = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # the benchmark's temperature 1
 
@@ -68,7 +66,7 @@ class Call:
 def recording(runner: ModelRunner):
     """Record runner's device calls while the block runs; yields the list they land in."""
     calls: list[Call] = []
-    executable_for = runner._executable
+    executable_for = runner.executable
 
     def recorded(key):
         executable = executable_for(key)
@@ -79,11 +77,11 @@ def recording(runner: ModelRunner):
 
         return call
 
-    runner._executable = recorded
+    runner.executable = recorded
     try:
         yield calls
     finally:
-        runner._executable = executable_for
+        runner.executable = executable_for
 
 
 def _matmuls(params, x, num_logits: int):
@@ -106,12 +104,11 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
     null_backend = dataclasses.replace(model.module.backend, name="none",
                                        ragged_paged_attention=lambda q, *args, **kwargs: jnp.zeros_like(q))
     null_module = CausalLM(model.config, null_backend, param_dtype=model.dtype)
-    real = dict(forward=model.forward, loop=runner._decode_loop)
-    null = dict(forward=make_forward(null_module),
-                loop=jax.jit(functools.partial(runner_module._decode_loop, null_module, runner.block_size),
-                             static_argnames=("num_steps", "flags"), donate_argnums=(3,)))
+    real = dict(forward=model.forward, loop=runner.decode_loop)
+    null = dict(forward=make_forward(null_module, model.mesh), loop=make_decode_loop(null_module, runner.block_size))
     matmuls = jax.jit(_matmuls, static_argnums=2)
-    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.dtype)}
+    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.dtype,
+                                   model.mesh)}
 
     def call_time(functions, call: Call) -> float:
         def run():
@@ -134,7 +131,8 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
         """Matmuls at the bucket's and at the real (tokens, rows), timed alternately (their
         difference, the padding, is small beside the machine's drift)."""
         def measure():
-            inputs = [(jnp.ones((tokens, model.config.hidden_size), model.dtype), rows) for tokens, rows in (bucket, real)]
+            inputs = [(jnp.ones((tokens, model.config.hidden_size), model.dtype), rows)
+                      for tokens, rows in (bucket, real)]
             samples = [[time_call(lambda: matmuls(model.params, x, rows), repeats=1) for x, rows in inputs]
                        for _ in range(repeats)]
             return tuple(min(times) for times in zip(*samples))
@@ -142,7 +140,7 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
 
     def sampler_time(rows: int) -> float:
         def measure():
-            batch = SamplingBatch(**runner_module._empty_batch(rows)).replace(temperature=jnp.ones(rows, jnp.float32))
+            batch = SamplingBatch(**empty_batch(rows)).replace(temperature=jnp.ones(rows, jnp.float32))
             logits = jax.random.normal(jax.random.PRNGKey(0), (rows, model.config.vocab_size))
             return time_call(lambda: sample(logits, batch, SAMPLING).tokens, repeats=repeats)
         return measured(("sampler", rows), measure)

@@ -62,7 +62,7 @@ class Ours:
         self.calls, self.seconds = [], []
 
     def __call__(self) -> float:
-        with step_profile.recording(self.llm.engine.runner) as self.calls:
+        with step_profile.recording(self.llm.engine.executor) as self.calls:
             start = time.perf_counter()
             outputs = self.llm.generate(self.inputs, self.params, use_tqdm=False)
             self.seconds.append(time.perf_counter() - start)
@@ -71,7 +71,7 @@ class Ours:
 
     def profile(self) -> dict:
         engine = self.llm.engine
-        return step_profile.profile(engine.model, engine.runner, self.calls, self.seconds[-1],
+        return step_profile.profile(engine.executor.model, engine.executor, self.calls, self.seconds[-1],
                                     self.llm.stats()["host_overhead"])
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> str:
             timed("continuous", continuous)
             timed("ours", ours)
         profile = ours.profile()
-        roofline = step_profile.matmul_rate(ours.llm.engine.model, sizes["roofline_batch"])
+        roofline = step_profile.matmul_rate(ours.llm.engine.executor.model, sizes["roofline_batch"])
 
     def seconds_of(name: str) -> list[float]:
         return [s for n, s in timeline if n == name]
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> str:
         f"paged-jax's output tokens/s are **{100 * ours_rate / roofline:.0f}%** of it (out of reach on this "
         f"workload: after its first steps the batch shrinks as requests finish)"
         + f"\n- roofline of the last run's schedule (the matmuls of the steps it took, at their real token "
-        f"counts): {1e3 * p['roofline']:.0f} ms of its {1e3 * p['wall']:.0f} ms: **{100 * p['roofline'] / p['wall']:.0f}%** "
+        f"counts): {1e3 * p['roofline']:.0f} ms of its {1e3 * p['wall']:.0f} ms: "
+        f"**{100 * p['roofline'] / p['wall']:.0f}%** "
         f"(target >= 50%)"
         + f"\n- paged-jax warm-up (every step shape compiled before the runs, not counted above): "
         f"{ours.warm_up:.1f} s"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from paged_jax.beam_search import BeamSearchParams
-from paged_jax.sampling import SamplingParams
+from paged_jax.sampling_params import SamplingParams
 
 SHAREGPT_CONTEXT = 2048
 
@@ -72,7 +72,7 @@ def _draw(rng, mu_prompt, mu_output, sigma, n):
     return prompt[keep], output[keep]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def calibrate(dataset: Dataset) -> tuple[float, float]:
     """Log-normal locations whose filtered means equal the dataset's targets."""
     mu = np.log([dataset.prompt_mean, dataset.output_mean]) - dataset.sigma**2 / 2

@@ -1,14 +1,21 @@
 """paged-jax: vLLM's PagedAttention serving system in JAX."""
 
-from paged_jax.async_engine import AsyncLLMEngine
 from paged_jax.beam_search import BeamSearchParams
-from paged_jax.config import ModelConfig
-from paged_jax.engine import EngineArgs, LLMEngine
-from paged_jax.llm import LLM
-from paged_jax.models import Model, load_model
-from paged_jax.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestMetrics,
-                               RequestOutput)
-from paged_jax.sampling import SamplingParams
+from paged_jax.engine.async_llm_engine import AsyncLLMEngine
+from paged_jax.engine.llm import LLM
+from paged_jax.engine.llm_engine import LLMEngine
+from paged_jax.engine_args import EngineArgs
+from paged_jax.model import Model, load_model
+from paged_jax.model.config import ModelConfig
+from paged_jax.outputs import (
+                               BeamSearchOutput,
+                               BeamSearchSequence,
+                               CompletionOutput,
+                               Logprob,
+                               RequestMetrics,
+                               RequestOutput,
+)
+from paged_jax.sampling_params import SamplingParams
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [

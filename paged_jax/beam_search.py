@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paged_jax.sampling import MAX_LOGPROBS
+from paged_jax.sampling_params import MAX_LOGPROBS, requirement
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -46,10 +46,7 @@ class BeamSearchParams:
     early_stopping: bool | str = False
 
     def __post_init__(self):
-        def require(ok: bool, name: str, rule: str):
-            if not ok:
-                raise ValueError(f"BeamSearchParams.{name} {rule}, got {getattr(self, name)!r}")
-
+        require = requirement(self)
         require(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width", "must be an integer >= 1")
         require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         require(self.temperature == 0, "temperature", "must be 0 (beam search is deterministic here)")

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         usage = "\n".join(f"  {name:8} {text}" for name, text in COMMANDS.items())
         print(f"usage: paged-jax COMMAND [args]\n\ncommands:\n{usage}", file=sys.stderr if argv else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from paged_jax import serve
+    from paged_jax.server import serve
 
     return serve.main(argv[1:])
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from paged_jax.beam_search import BeamSearch
 from paged_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from paged_jax.sampling import SamplingParams
+from paged_jax.sampling_params import SamplingParams
 from paged_jax.tokenizer import IncrementalDetokenizer
 
 

@@ -10,8 +10,8 @@ same signatures and results whichever backend provides them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 
@@ -24,7 +24,8 @@ BACKENDS = ("auto", "pallas", "pallas_interpret", "xla")
 class AttentionBackend:
     name: str
     paged_attention: Callable  # (q, k_pages, v_pages, block_tables, lengths, *, sm_scale)
-    ragged_paged_attention: Callable  # (q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale, max_q_len)
+    # (q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale, max_q_len)
+    ragged_paged_attention: Callable
     write_kv: Callable  # (k_pages, v_pages, k, v, slot_mapping) -> (k_pages, v_pages)
     copy_blocks: Callable  # (k_pages, v_pages, src, dst) -> (k_pages, v_pages)
 

@@ -17,8 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import shapes
-from pallas_kernels.tiling import head_dim_pieces
 from pallas_kernels.platform import resolve_interpret, triton_params
+from pallas_kernels.tiling import head_dim_pieces
 
 TOKENS_PER_PROGRAM = 16
 COPY_ROWS = 64  # page rows moved per copy program

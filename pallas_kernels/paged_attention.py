@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax

@@ -8,8 +8,8 @@ sequence, with all the query heads that share one KV head; the tile's rows are i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

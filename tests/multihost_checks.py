@@ -29,7 +29,7 @@ def main() -> None:
     from serving import generate_ids, make_llm
 
     llm = make_llm(checkpoint, tensor_parallel_size=2, warm_up=True, max_num_seqs=4, max_num_batched_tokens=32)
-    devices = sorted(d.process_index for d in llm.engine.mesh.devices.flat)
+    devices = sorted(d.process_index for d in llm.engine.executor.model.mesh.devices.flat)
     print(json.dumps({"outputs": generate_ids(llm, PROMPTS), "mesh_processes": devices}), flush=True)
     if process_id == 1:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_jax.cache import SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache
 
 
 class PagedSession:
@@ -15,7 +15,7 @@ class PagedSession:
         self.model, self.block_size = model, block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.prefill_tokens, self.max_seqs = prefill_tokens, max_seqs
-        self.cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype)
+        self.cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype, model.mesh)
         self.free = [int(b) for b in rng.permutation(num_blocks)]
         self.tables: dict[int, list[int]] = {}
         self.cached: dict[int, int] = {}

@@ -22,7 +22,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hf_checkpoints import load_reference, save_checkpoint  # noqa: E402
 from serving import generate_ids, hf_greedy, make_llm, random_prompts  # noqa: E402
 
-from paged_jax import SamplingParams, engine as engine_module, parallel  # noqa: E402
+from paged_jax import SamplingParams  # noqa: E402
+from paged_jax.model import random_model, sharding  # noqa: E402
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache  # noqa: E402
+from paged_jax.model.config import ModelConfig  # noqa: E402
+from paged_jax.worker import loading  # noqa: E402
 
 RNG = np.random.default_rng(13)
 PROMPTS = random_prompts(RNG, [5, 23, 11, 2])
@@ -67,15 +71,15 @@ def greedy(root: Path, out: dict) -> None:
                                    num_scheduler_steps=1, num_gpu_blocks_override=16)
                 out["greedy/pallas/2"] = generate_ids(kernels, PROMPTS[:2], short) == [e[:4] for e in expected[:2]]
             if variant == "odd":
-                config = llm.engine.model.config
+                config = llm.engine.executor.model.config
                 out["odd/config"] = [config.num_kv_heads, config.intermediate_size, config.padded_vocab_size]
 
 
 def sharded(llm, out: dict) -> None:
     """Parameters and cache really split: specs, and one device's bytes against the whole."""
     engine = llm.engine
-    params, cache = engine.model.params, engine.runner.kv_cache
-    device = engine.mesh.devices.flat[0]
+    params, cache = engine.executor.model.params, engine.executor.kv_cache
+    device = engine.executor.model.mesh.devices.flat[0]
     out["sharding/specs"] = {
         path: str(params[a][b][c][d].sharding.spec) for path, (a, b, c, d) in {
             "qkv": ("layers_0", "attn", "qkv_proj", "kernel"), "o": ("layers_0", "attn", "o_proj", "kernel"),
@@ -87,20 +91,34 @@ def sharded(llm, out: dict) -> None:
     out["sharding/cache_shape"] = list(cache[0][0].shape)
     out["sharding/param_fraction"] = per_device_bytes(params, device) / total_bytes(params)
     out["sharding/cache_fraction"] = per_device_bytes(cache, device) / total_bytes(cache)
-    out["sharding/mesh_size"] = engine.mesh.size
+    out["sharding/mesh_size"] = engine.executor.model.mesh.size
+
+
+def random_models(root: Path, out: dict) -> None:
+    """random_model makes the same model on one device and on two (one path)."""
+    config = ModelConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                         max_position_embeddings=64, activation="silu", norm="rmsnorm", norm_eps=1e-6)
+    positions, meta = build_metadata([SequenceChunk([0, 1], 0, 7)], 4, max_blocks_per_seq=2)
+    logits = []
+    for tp in (1, 2):
+        model = random_model(config, sharding.make_mesh(jax.devices()[:tp]), attention_backend="xla")
+        cache = init_kv_cache(model.config, 2, 4, model.dtype, model.mesh)
+        logits.append(np.asarray(model.forward(model.params, np.arange(7, dtype=np.int32), positions, cache, meta)[0]))
+    out["random/same_on_1_and_2"] = bool(np.allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5))
 
 
 def memory_and_compiles(root: Path, out: dict) -> None:
     """Blocks from per-device memory; no compile after warm-up; the cache donated; the
     collectives of one step from its compiled HLO."""
     path = root / "llama"
-    engine_module.CPU_KV_CACHE_BYTES = 1 << 20  # per device; small enough that memory decides
+    loading.CPU_KV_CACHE_BYTES = 1 << 20  # per device; small enough that memory decides
     try:
         for tp in (1, 2):
             llm = make_llm(path, tensor_parallel_size=tp, num_gpu_blocks_override=None, max_num_seqs=64)
             out[f"blocks/{tp}"] = llm.stats()["num_blocks"]
     finally:
-        engine_module.CPU_KV_CACHE_BYTES = 1 << 30
+        loading.CPU_KV_CACHE_BYTES = 1 << 30
     llm = make_llm(path, tensor_parallel_size=2, warm_up=True, background_compile=False, compilation_cache=False,
                    max_num_seqs=4, max_num_batched_tokens=32, num_scheduler_steps=4)
     generate_ids(llm, PROMPTS)  # first use of the helpers outside the step shapes (as on one device)
@@ -111,18 +129,18 @@ def memory_and_compiles(root: Path, out: dict) -> None:
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(count)
-    before = llm.engine.runner.kv_cache[0][0]
+    before = llm.engine.executor.kv_cache[0][0]
     again = generate_ids(llm, PROMPTS)
     out["compile/after_warmup"] = llm.stats()["compiles_after_warmup"]
     out["compile/second_run_backend_compiles"] = len(compiles)
     out["compile/donated"] = before.is_deleted()
     out["compile/same_output"] = again == generate_ids(make_llm(path), PROMPTS)
-    runner = llm.engine.runner
+    runner = llm.engine.executor
     bucket = runner.mixed_buckets[-1]
     hlo = runner.executables.get(bucket).as_text()
-    out["hlo/collectives"] = parallel.collective_bytes(hlo)
+    out["hlo/collectives"] = sharding.collective_bytes(hlo)
     out["hlo/num_all_reduce"] = sum(" all-reduce(" in line for line in hlo.splitlines())
-    out["hlo/num_layers"] = llm.engine.model.config.num_layers
+    out["hlo/num_layers"] = llm.engine.executor.model.config.num_layers
 
 
 def preemption_and_prefix(root: Path, out: dict) -> None:
@@ -159,7 +177,7 @@ def data_parallel(root: Path, out: dict) -> None:
         out[f"dp/{tp}/equal"] = [o.outputs[0].token_ids for o in outputs] == expected
         out[f"dp/{tp}/in_order"] = [o.prompt_token_ids for o in outputs] == prompts
         engines = llm.engine.engines
-        out[f"dp/{tp}/devices"] = [sorted(d.id for d in e.mesh.devices.flat) for e in engines]
+        out[f"dp/{tp}/devices"] = [sorted(d.id for d in e.executor.model.mesh.devices.flat) for e in engines]
         out[f"dp/{tp}/requests_per_engine"] = [e.scheduler.num_prompt_tokens > 0 for e in engines]
         out[f"dp/{tp}/unfinished"] = llm.engine.has_unfinished_requests()
     out["dp/server"] = served_by_async_engine(llm.engine, prompts[:3])
@@ -200,7 +218,7 @@ def served_by_async_engine(front, prompts) -> dict:
 def main() -> None:
     root = Path(sys.argv[1])
     out, seconds = {"devices": len(jax.devices())}, {}
-    for check in (greedy, memory_and_compiles, preemption_and_prefix, data_parallel):
+    for check in (greedy, random_models, memory_and_compiles, preemption_and_prefix, data_parallel):
         start = time.perf_counter()
         check(root, out)
         seconds[check.__name__] = round(time.perf_counter() - start, 1)

@@ -1,4 +1,4 @@
-"""A real `python -m paged_jax.serve` subprocess on 127.0.0.1 for the server's tests: a free
+"""A real `python -m paged_jax.server.serve` subprocess on 127.0.0.1 for the server's tests: a free
 port, a bounded wait for /health, the log shown if it fails, and a stop that always ends it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,7 +30,7 @@ def running_server(args: list[str], log_path: Path, env: dict[str, str] | None =
     """Start the server with args (host and port are added), wait until /health answers, yield
     its base URL; stop it afterwards, killing it if it does not stop within 20 s."""
     port = free_port()
-    command = [sys.executable, "-m", "paged_jax.serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "paged_jax.server.serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     environment = {**os.environ, **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from paged_jax import LLM, SamplingParams
-from paged_jax.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
+from paged_jax.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 
 SETTINGS = dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_gpu_blocks_override=128,
                 attention_backend="xla", warm_up=False)
@@ -53,6 +53,29 @@ def test_concurrent_clients_get_the_offline_outputs_and_share_steps(engine, refe
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative, growing
     assert max(r.num_requests for r in engine.engine.step_log) > 1  # clients were batched together
     assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+
+
+def test_without_its_thread_the_owner_drives_the_engine_by_run_iteration(llama_with_tokenizer, reference):
+    engine = AsyncLLMEngine(LLM(str(llama_with_tokenizer), **SETTINGS).engine, start_engine_loop=False)
+
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Event()
+
+        async def drive():  # as experiments/engine_loop.py's executor variant does
+            while not done.is_set():
+                if not await loop.run_in_executor(None, engine.run_iteration):
+                    await asyncio.sleep(0.001)
+
+        driver = asyncio.create_task(drive())
+        results = await asyncio.gather(*(collect(engine, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+        done.set()
+        await driver
+        return results
+
+    assert engine.is_running
+    assert [outputs[-1].outputs[0].text for outputs in run(main())] == reference
+    engine.shutdown()
+    assert not engine.is_running and not engine.run_iteration()
 
 
 def test_abort_ends_the_stream_and_frees_blocks(engine):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from serving import GREEDY, assert_all_blocks_free, generate_ids, make_llm, random_prompts
 
 from paged_jax import BeamSearchParams, SamplingParams
-from paged_jax.reservation import BuddyAllocator
+from paged_jax.kv.reservation import BuddyAllocator
 
 # -- the buddy allocator -----------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ def test_orca_serves_several_sequences_per_request_by_copying(checkpoint, rng):
         got = ([o.token_ids for o in llm.generate(prompts[:1], sampling, use_tqdm=False)[0].outputs],
                [s.tokens for s in llm.beam_search(prompts[1:], beam)[0].sequences])
         assert got == expected, system
-        assert llm.engine.runner.num_copied > 0, "forks copy instead of sharing"
+        assert llm.engine.executor.counters.num_copied > 0, "forks copy instead of sharing"
         assert_all_blocks_free(llm)
 
 

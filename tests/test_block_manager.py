@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from paged_jax.block_manager import BlockManager
+from paged_jax.kv.block_manager import BlockManager
 from paged_jax.sequence import Sequence
 
 BLOCK_SIZE = 4
@@ -127,7 +127,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def every_sequence_reads_back_its_tokens(self):
         self._copy()
         for seq in self.running:
-            read = [self.device[seq.block_table[p // BLOCK_SIZE]][p % BLOCK_SIZE] for p in range(seq.num_computed_tokens)]
+            read = [self.device[seq.block_table[p // BLOCK_SIZE]][p % BLOCK_SIZE]
+                    for p in range(seq.num_computed_tokens)]
             assert read == seq.tokens(0, seq.num_computed_tokens)
         for family in self.swapped:
             for seq in family:
@@ -168,7 +169,7 @@ def test_a_prefix_is_found_up_to_its_first_evicted_block():
 
 
 def test_a_hash_collision_never_hands_out_the_wrong_block(monkeypatch):
-    import paged_jax.block_manager as block_manager
+    import paged_jax.kv.block_manager as block_manager
 
     monkeypatch.setattr(block_manager, "block_name", lambda parent, tokens: b"same")  # every block collides
     bm = BlockManager(8, BLOCK_SIZE, enable_prefix_caching=True, watermark=0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.serving import serve
-from experiments.simulator import A100_OPT13B, Scale, SimulatedServer
+from experiments.simulator import A100_OPT13B, Scale, simulated_server
 from experiments.workloads import ALPACA, Decoding, chatbot_requests, sample_requests
 
 
@@ -28,7 +28,7 @@ def test_chatbot_prompts_are_the_last_half_context_of_a_conversation():
 def simulated(system: str, decoding: Decoding, rate: float, num_requests: int = 60):
     requests = [dataclasses.replace(r, decoding=decoding)
                 for r in sample_requests(ALPACA, num_requests, seed=1, rate=rate)]
-    server = SimulatedServer(system, requests, Scale(), A100_OPT13B)
+    server = simulated_server(system, requests, Scale(), A100_OPT13B)
     return serve(server, requests), server.sharing_saving()  # serve checks that no block leaked
 
 

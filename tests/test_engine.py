@@ -8,7 +8,8 @@ import pytest
 from hf_checkpoints import load_reference
 from serving import GREEDY, assert_all_blocks_free, generate_ids, hf_greedy, make_llm, random_prompts
 
-from paged_jax import LLMEngine, EngineArgs, SamplingParams
+from paged_jax import EngineArgs, LLMEngine, SamplingParams
+
 
 @pytest.mark.parametrize("variant", ["gpt2", "opt_350m_style", "llama", "qwen2"])
 def test_greedy_equals_hf_generate_with_a_roomy_cache(checkpoint, rng, variant):

@@ -10,10 +10,11 @@ import pytest
 
 from experiments.common import device_slug, result_name
 from experiments.request_rate import sustainable_rate
-from experiments.simulator import A100_OPT13B, CostModel, simulate
+from experiments.simulator import A100_OPT13B, simulate
 from experiments.workloads import ALPACA, SHAREGPT, random_requests, sample_requests
-from paged_jax.engine import StepRecord
-from paged_jax.reservation import MemoryUsage
+from paged_jax.core.step_record import StepRecord
+from paged_jax.kv.interface import MemoryUsage
+from paged_jax.worker.cost_model import CostModel
 
 # -- workloads ---------------------------------------------------------------------------------
 

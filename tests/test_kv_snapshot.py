@@ -9,7 +9,7 @@ import pytest
 from serving import make_llm, random_prompts
 
 from paged_jax import SamplingParams
-from paged_jax.kv_snapshot import BlockOwner
+from paged_jax.core.kv_snapshot import BlockOwner
 
 
 def watched(checkpoint, **options):

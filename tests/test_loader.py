@@ -11,9 +11,14 @@ import jax.numpy as jnp
 import pytest
 import torch
 from hf_checkpoints import save_checkpoint
+from jax.sharding import PartitionSpec as P
 from safetensors.torch import load_file, save_file
+from serving import make_llm
 
 from paged_jax import load_model
+from paged_jax.model import loader
+from paged_jax.model.cache import init_kv_cache
+from paged_jax.model.config import from_hf_config
 
 
 def params_equal(a, b) -> bool:
@@ -84,7 +89,8 @@ def test_checkpoints_saved_without_the_wrapper_prefix_load(checkpoint, tmp_path)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, "unsupported rope scaling type 'yarn'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4},
+     "unsupported rope scaling type 'yarn'"),
     ("hidden_act", "gelu_fast", "unsupported activation"),
 ])
 def test_unsupported_options_are_rejected(checkpoint, tmp_path, field, value, message):
@@ -107,3 +113,21 @@ def test_mistral_context_is_capped_at_its_sliding_window(checkpoint):
     config = load_model(checkpoint("mistral")).config
     assert config.max_position_embeddings == 128
     assert config.sliding_window == 64 and config.max_model_len == 64
+
+
+def test_one_device_is_a_mesh_of_one(checkpoint):
+    """Without a mesh a model lives on a mesh of this process's first device: parameters and
+    cache carry the shardings they have on T devices, each shard whole."""
+    model = load_model(checkpoint("llama"))
+    assert model.mesh.size == 1 and model.mesh.devices.flat[0] == jax.local_devices()[0]
+    kernel = model.params["layers_0"]["attn"]["qkv_proj"]["kernel"]
+    assert kernel.sharding.spec == P(None, "tp") and kernel.addressable_shards[0].data.shape == kernel.shape
+    assert init_kv_cache(model.config, 4, 4, model.dtype, model.mesh)[0][0].sharding.spec == P("tp")
+
+
+def test_an_engine_reads_the_checkpoint_config_once(checkpoint, monkeypatch):
+    """The mesh, the compute dtype and the loader all use the one config the engine read."""
+    reads = []
+    monkeypatch.setattr(loader, "from_hf_config", lambda hf: reads.append(hf) or from_hf_config(hf))
+    make_llm(checkpoint("llama"))
+    assert len(reads) == 1

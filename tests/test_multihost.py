@@ -16,12 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from multihost_checks import PROMPTS
 from server_process import free_port
 from serving import generate_ids, make_llm
 
-from multihost_checks import PROMPTS
-from paged_jax import multihost
-from paged_jax.serve import DEFAULT_MODEL
+from paged_jax.engine import multihost
+from paged_jax.server.serve import DEFAULT_MODEL
 
 SCRIPT = Path(__file__).parent / "multihost_checks.py"
 BOUND = 120  # seconds from the peer's death to the survivor's exit, start-up included
@@ -68,8 +68,8 @@ def served(tmp_path_factory):
              "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--num-scheduler-steps", "1"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     with open(logs / "follower.log", "wb") as log:
-        follower = subprocess.Popen([sys.executable, "-m", "paged_jax.serve", *flags, "--process-id", "1"], cwd=REPO,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+        follower = subprocess.Popen([sys.executable, "-m", "paged_jax.server.serve", *flags, "--process-id", "1"],
+                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with running_server([*flags, "--process-id", "0"], logs / "leader.log", env=env) as url:
             body = {"model": "stdlib-llama", "prompt": "def main(", "max_tokens": 16, "temperature": 0}

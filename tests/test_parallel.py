@@ -1,4 +1,4 @@
-"""Tensor and data parallelism (paged_jax/parallel.py, data_parallel.py).
+"""Tensor and data parallelism (paged_jax/model/sharding.py, engine/data_parallel.py).
 
 The multi-device checks run once, in one subprocess with 4 simulated CPU devices
 (tests/parallel_checks.py), so the rest of the suite keeps its single device; each test
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paged_jax import parallel
-from paged_jax.config import ModelConfig
+from paged_jax.model import sharding
+from paged_jax.model.config import ModelConfig
 
 HERE = Path(__file__).parent
 
@@ -40,6 +40,10 @@ def test_greedy_under_tensor_parallelism_equals_hf(checks, variant, tp):
     intermediate 100, vocabulary 128 on T = 3. pallas: llama through the Pallas kernels
     (interpreted) under shard_map; the others run the xla backend."""
     assert checks[f"greedy/{variant}/{tp}"]
+
+
+def test_random_model_is_the_same_on_every_mesh(checks):
+    assert checks["random/same_on_1_and_2"]
 
 
 def test_what_does_not_divide_is_padded_or_replicated(checks):
@@ -115,7 +119,7 @@ def test_sizes_that_cannot_work_fail_clearly(checks):
 def test_kv_layout(heads, kv_heads, tp, expected):
     """(KV heads per device, query heads per KV head): each device's query heads read its
     own KV heads in equal groups."""
-    local_kv, group = parallel.kv_layout(heads, kv_heads, tp)
+    local_kv, group = sharding.kv_layout(heads, kv_heads, tp)
     assert (local_kv, group) == expected
     checkpoint_group = heads // kv_heads
     for device in range(tp):
@@ -132,7 +136,7 @@ def test_expanded_kv_heads_pair_each_query_head_with_its_own_kv_head():
                          max_position_embeddings=8, activation="silu", norm="rmsnorm", norm_eps=1e-6)
     # Grouped columns [kv head, (3 query heads, k, v), dim]; each entry names its source.
     grouped = np.array([[[100 * kv + 10 * slot + d for d in range(2)] for slot in range(5)] for kv in range(2)])
-    expanded = np.asarray(parallel.expand_kv_heads(jnp.asarray(grouped.reshape(-1)), config, 6))
+    expanded = np.asarray(sharding.expand_kv_heads(jnp.asarray(grouped.reshape(-1)), config, 6))
     virtual = expanded.reshape(6, 3, 2)  # 6 virtual KV heads, each (1 query head, k, v)
     for q in range(6):
         kv = q // 3
@@ -143,12 +147,12 @@ def test_expanded_kv_heads_pair_each_query_head_with_its_own_kv_head():
 
 def test_partition_rules_cover_every_family():
     for family in ("gpt2", "opt", "llama"):
-        assert parallel.partition_spec(family, "layers_3/attn/qkv_proj/bias") == parallel.P(parallel.TP)
-        assert parallel.partition_spec(family, "layers_3/attn/o_proj/bias") == parallel.P()
-        assert parallel.partition_spec(family, "final_norm/scale") == parallel.P()
-        assert parallel.partition_spec(family, "embed/embedding", vocab_parallel=False) == parallel.P()
-    assert parallel.partition_spec("opt", "layers_0/mlp/fc2/kernel") == parallel.P(parallel.TP, None)
-    assert parallel.partition_spec("llama", "layers_0/mlp/gate_up_proj/kernel") == parallel.P(None, parallel.TP)
+        assert sharding.partition_spec(family, "layers_3/attn/qkv_proj/bias") == sharding.P(sharding.TP)
+        assert sharding.partition_spec(family, "layers_3/attn/o_proj/bias") == sharding.P()
+        assert sharding.partition_spec(family, "final_norm/scale") == sharding.P()
+        assert sharding.partition_spec(family, "embed/embedding", vocab_parallel=False) == sharding.P()
+    assert sharding.partition_spec("opt", "layers_0/mlp/fc2/kernel") == sharding.P(sharding.TP, None)
+    assert sharding.partition_spec("llama", "layers_0/mlp/gate_up_proj/kernel") == sharding.P(None, sharding.TP)
 
 
 def test_collective_bytes_reads_compiled_hlo():
@@ -159,4 +163,4 @@ def test_collective_bytes_reads_compiled_hlo():
   %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(%a, %b), to_apply=%add
   %ard = (f32[8]{0}, f32[8]{0}) all-reduce-done(%ars)
 """
-    assert parallel.collective_bytes(hlo) == {"all-reduce": 16 * 64 * 4 + 64, "all-gather": 2 * 128 * 2}
+    assert sharding.collective_bytes(hlo) == {"all-reduce": 16 * 64 * 4 + 64, "all-gather": 2 * 128 * 2}

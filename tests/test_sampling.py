@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paged_jax.runner import _empty_batch
-from paged_jax.sampling import MAX_LOGPROBS, SamplerFlags, SamplingBatch, _adjust, request_key, sample
+from paged_jax.sampling_params import MAX_LOGPROBS, request_key
+from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, _adjust, empty_batch, sample
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
 ROWS = 6000
 
 
 def draw(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> np.ndarray:
-    batch = _empty_batch(ROWS)
+    batch = empty_batch(ROWS)
     batch.update(temperature=np.full(ROWS, temperature, np.float32), top_k=np.full(ROWS, top_k, np.int32),
                  top_p=np.full(ROWS, top_p, np.float32), min_p=np.full(ROWS, min_p, np.float32),
                  keys=np.stack([request_key(i) for i in range(ROWS)]))
@@ -53,7 +53,7 @@ def test_samples_follow_the_filtered_distribution(params):
 
 
 def test_greedy_and_sampled_rows_share_a_batch():
-    batch = _empty_batch(4)
+    batch = empty_batch(4)
     batch["temperature"][:] = [0, 1, 0, 1]
     batch["keys"] = np.stack([request_key(i) for i in range(4)])
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)), jnp.float32)
@@ -70,7 +70,7 @@ def test_greedy_and_sampled_rows_share_a_batch():
 def test_penalties_follow_vllm_formulas():
     vocab = 6
     logits = np.array([[1.0, -1.0, 2.0, 0.5, -0.5, 0.0]], np.float32)
-    batch = _empty_batch(1)
+    batch = empty_batch(1)
     batch.update(presence=np.array([0.5], np.float32), frequency=np.array([0.25], np.float32),
                  repetition=np.array([2.0], np.float32), history=np.array([[0, 1, 2, 2, 2, 4, -1, -1]], np.int32),
                  output_start=np.array([2], np.int32), banned=np.array([[5, -1]], np.int32))
@@ -91,7 +91,7 @@ def test_sampling_spans_blocks_of_a_large_vocabulary():
     logits = np.full(vocab, -np.inf, np.float32)
     chosen = np.array([3, 127, 128, 500, 640, 999])
     logits[chosen] = np.log([0.1, 0.2, 0.15, 0.25, 0.2, 0.1])
-    batch = _empty_batch(rows)
+    batch = empty_batch(rows)
     batch.update(temperature=np.ones(rows, np.float32), keys=np.stack([request_key(i) for i in range(rows)]))
     tokens = sample(jnp.tile(jnp.asarray(logits), (rows, 1)), SamplingBatch(**batch),
                     SamplerFlags(True, False, False, False)).tokens

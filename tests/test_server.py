@@ -366,7 +366,8 @@ def _is_json(data: bytes) -> bool:
 
 
 BODIES = st.one_of(
-    st.sampled_from(sorted(INVALID)).flatmap(lambda f: INVALID[f].map(lambda v: ("/v1/completions", f, {**GOOD, f: v}))),
+    st.sampled_from(sorted(INVALID)).flatmap(
+        lambda f: INVALID[f].map(lambda v: ("/v1/completions", f, {**GOOD, f: v}))),
     CHAT_INVALID.map(lambda body: ("/v1/chat/completions", "messages", body)),
     NOT_AN_OBJECT.map(lambda s: ("/v1/completions", None, s.encode())),
     GARBAGE.map(lambda b: ("/v1/chat/completions", None, b)),

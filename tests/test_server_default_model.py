@@ -16,7 +16,7 @@ from server_process import running_server
 from transformers import AutoTokenizer
 
 from paged_jax import LLM, SamplingParams
-from paged_jax.serve import DEFAULT_MODEL
+from paged_jax.server.serve import DEFAULT_MODEL
 
 ENGINE = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=128, dtype="float32")
 TIMEOUT = 120

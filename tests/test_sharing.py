@@ -125,7 +125,8 @@ def test_beam_search_is_the_same_with_copies_or_a_prefix_cache(checkpoint, rng):
     for name, options in {"shared": {}, "copied": dict(enable_block_sharing=False),
                           "prefix cache": dict(enable_prefix_caching=True)}.items():
         llm = make_llm(path, max_num_seqs=16, **options)
-        runs[name] = [[(s.tokens, s.finish_reason) for s in llm.beam_search({"prompt_token_ids": p}, params)[0].sequences]
+        runs[name] = [[(s.tokens, s.finish_reason)
+                       for s in llm.beam_search({"prompt_token_ids": p}, params)[0].sequences]
                       for p in prompts]
         stats[name] = llm.stats()
         assert_all_blocks_free(llm)

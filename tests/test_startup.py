@@ -13,7 +13,7 @@ import sys
 from serving import assert_all_blocks_free, make_llm, random_prompts
 
 from paged_jax import SamplingParams
-from paged_jax.compilation import Executables
+from paged_jax.worker.compilation import Executables
 
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=32, block_size=4, num_gpu_blocks_override=64,
              attention_backend="xla", num_scheduler_steps=4)
@@ -51,7 +51,7 @@ def test_the_persistent_cache_can_be_turned_off(checkpoint, tmp_path):
 
 
 def test_a_step_pads_to_the_smallest_ready_bucket(checkpoint):
-    runner = make_llm(checkpoint("llama"), **SMALL).engine.runner
+    runner = make_llm(checkpoint("llama"), **SMALL).engine.executor
     runner.executables = Executables()
     largest, smallest = runner.decode_buckets[-1], runner.decode_buckets[0]
     runner.executables.build(largest, lambda: "compiled")
@@ -82,13 +82,13 @@ def test_serving_during_background_compiles_gives_the_same_tokens_and_never_comp
 
 
 def test_auto_dtype_computes_half_precision_checkpoints_in_float32_on_a_cpu():
-    from paged_jax.serve import DEFAULT_MODEL as MODEL_DIR  # stored in bfloat16
-
     import jax.numpy as jnp
-    from paged_jax import LLM
 
-    assert LLM(str(MODEL_DIR), warm_up=False).engine.model.dtype == jnp.float32
-    assert LLM(str(MODEL_DIR), warm_up=False, dtype="bfloat16").engine.model.dtype == jnp.bfloat16
+    from paged_jax import LLM
+    from paged_jax.server.serve import DEFAULT_MODEL as MODEL_DIR  # stored in bfloat16
+
+    assert LLM(str(MODEL_DIR), warm_up=False).engine.executor.model.dtype == jnp.float32
+    assert LLM(str(MODEL_DIR), warm_up=False, dtype="bfloat16").engine.executor.model.dtype == jnp.bfloat16
 
 
 def test_start_up_says_what_it_is_doing(checkpoint):

@@ -1,0 +1,73 @@
+"""EngineArgs: every setting of an engine, with vLLM's names and defaults, checked in one place
+(`validate`) so that a bad setting is a ValueError naming the field before anything loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paged_jax.sampling_params import requirement
+
+PREEMPTION_MODES = ("recompute", "swap")
+# ours, and the paper's Orca baselines by how much each request reserves (kv/reservation.py)
+MEMORY_MANAGERS = ("paged", "orca-max", "orca-pow2", "orca-oracle")
+BATCHING = ("continuous", "static")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 4  # GiB of host memory for swapped-out blocks
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = False
+    # False: a fork copies every block instead of sharing it (what sharing saves is measured
+    # against this; outputs are the same).
+    enable_block_sharing: bool = True
+    preemption_mode: str = "recompute"
+    # The paper's baselines run in this engine with only these two changed: "orca-max",
+    # "orca-pow2", "orca-oracle" reserve each request's KV contiguously (reservation.py);
+    # batching="static" admits a new batch only when the last is done.
+    memory_manager: str = "paged"
+    batching: str = "continuous"
+    seed: int = 0
+    attention_backend: str = "auto"
+    # T devices run one model (tensor parallelism, model/sharding.py); D engines on disjoint groups
+    # of T devices share the requests (data parallelism, engine/data_parallel.py). vLLM's names.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    # Decode steps per device loop when only decodes run (one host round trip per loop). 8 was the
+    # best of 1 / 4 / 8 on a 2-core CPU: `python -m experiments.throughput --scheduler-steps N`.
+    num_scheduler_steps: int = 8
+    # Compile the step shapes at start-up (else on first use). With background_compile only
+    # the largest of each kind is compiled before serving, the rest on a background thread
+    # (steps pad to a ready shape meanwhile); False waits for all of them (steady-state
+    # benchmarks). compilation_cache: JAX's persistent cache (paged_jax/compilation.py).
+    warm_up: bool = True
+    background_compile: bool = True
+    compilation_cache: bool = True
+
+    def validate(self) -> None:
+        require = requirement(self)
+        require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+                "must be a power of two")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        require(self.swap_space >= 0, "swap_space", "must be >= 0 GiB")
+        require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+                "max_num_batched_tokens", "must be >= 1")
+        require(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+                "num_gpu_blocks_override", "must be >= 1")
+        require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", f"must be one of {PREEMPTION_MODES}")
+        require(self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be >= 1")
+        require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        require(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
+        require(self.memory_manager in MEMORY_MANAGERS, "memory_manager", f"must be one of {MEMORY_MANAGERS}")
+        require(self.batching in BATCHING, "batching", f"must be one of {BATCHING}")
+        require(self.memory_manager == "paged" or not (self.enable_prefix_caching or self.preemption_mode == "swap"),
+                "memory_manager", "reserves whole requests: no prefix caching, nothing to swap")

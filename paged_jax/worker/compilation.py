@@ -1,0 +1,166 @@
+"""Compiling the step shapes: JAX's persistent cache, and a background queue that never puts
+a compile on the serving path.
+
+Start-up used to compile every step shape before the first request: a minute for a small
+model, again at every start. Two things shorten it:
+
+- JAX's persistent compilation cache is on by default, so a second start of the same
+  configuration loads its executables from disk. The directory is JAX_COMPILATION_CACHE_DIR
+  when set, else `$XDG_CACHE_HOME/paged_jax/jax` (`~/.cache/...`);
+  PAGED_JAX_COMPILATION_CACHE=0 or `EngineArgs(compilation_cache=False)` turn it off.
+- Only the shapes that cover every step (the largest bucket of each kind) are compiled
+  before serving; the others follow on a background thread. Until a shape is ready, the
+  runner pads its step to the smallest ready bucket that fits: slower for a while, never a
+  compile while a request waits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+logger = logging.getLogger(__name__)
+CACHE_ENV = "PAGED_JAX_COMPILATION_CACHE"
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+_local = threading.local()  # per thread, since a compile reports its cache hit in its own thread
+_workers: weakref.WeakSet[Executables] = weakref.WeakSet()
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "paged_jax" / "jax"
+
+
+def configure_persistent_cache(enabled: bool = True) -> str | None:
+    """Turn JAX's persistent compilation cache on (or off) for this process; returns its
+    directory. A directory the user chose (JAX_COMPILATION_CACHE_DIR, jax.config) is kept.
+    Every entry is kept, however fast it compiled: our step shapes compile in about a second
+    each, under JAX's default one-second threshold, and there are dozens."""
+    if not enabled or os.environ.get(CACHE_ENV, "1").lower() in ("0", "false", "off"):
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    directory = jax.config.jax_compilation_cache_dir or str(default_cache_dir())
+    if (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache) != (directory, True):
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax_cache.reset_cache()  # JAX decides once per process whether to use it: decide again
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return directory
+
+
+def _count_cache_hit(event: str, **_) -> None:
+    if event == _CACHE_HIT:
+        _local.hits = getattr(_local, "hits", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+@dataclass
+class CompileStats:
+    compiled: int = 0  # executables built (from the cache or by compiling)
+    from_cache: int = 0  # of which loaded from the persistent cache
+
+
+class Executables:
+    """Compiled step functions by key, built on demand or queued for a background thread.
+
+    `get` returns a ready executable or None; `build` makes one now (warm-up, or a shape the
+    warm-up set lacks); `queue` hands a list to the background thread, which stops when its
+    owner is garbage collected or the interpreter exits."""
+
+    def __init__(self):
+        self._ready: dict[Hashable, Callable] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._queued: set[Hashable] = set()
+        self._closed = False
+        self.stats = CompileStats()
+
+    def get(self, key: Hashable) -> Callable | None:
+        return self._ready.get(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._ready
+
+    def known(self, key: Hashable) -> bool:
+        """Ready, or queued for the background thread."""
+        return key in self._ready or key in self._queued
+
+    def build(self, key: Hashable, make: Callable[[], Callable]) -> Callable:
+        """make() lowers and compiles (or warms a jit cache and returns its callable)."""
+        if key in self._ready:
+            return self._ready[key]
+        hits = getattr(_local, "hits", 0)
+        executable = make()
+        with self._lock:
+            self.stats.compiled += 1
+            self.stats.from_cache += getattr(_local, "hits", 0) > hits
+            self._ready[key] = executable
+            self._queued.discard(key)
+        return executable
+
+    def queue(self, tasks: list[tuple[Hashable, Callable[[], Callable]]]) -> None:
+        """Build tasks in order on the background thread (after those already queued)."""
+        with self._lock:
+            tasks = [(k, make) for k, make in tasks if k not in self._ready and k not in self._queued]
+            self._queued.update(k for k, _ in tasks)
+            if not tasks:
+                return
+            previous = self._thread
+            self._thread = threading.Thread(target=_work, args=(weakref.ref(self), previous, tasks),
+                                            name="paged-jax-compile", daemon=True)
+            _workers.add(self)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queued)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background queue is done; False on timeout."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def close(self) -> None:
+        """Stop the background thread after the executable it is building."""
+        self._closed = True
+        self.wait()
+
+
+def _work(owner_ref: weakref.ref, previous: threading.Thread | None, tasks) -> None:
+    if previous is not None:
+        previous.join()  # one compile at a time: they share the cores with serving
+    start = time.perf_counter()
+    for key, make in tasks:
+        owner = owner_ref()
+        if owner is None or owner._closed:
+            return
+        try:
+            owner.build(key, make)
+        except Exception:  # noqa: BLE001 - the shape stays unready; serving pads to a larger one
+            logger.exception("background compile of %s failed", key)
+            owner._queued.discard(key)
+        del owner
+    logger.info("compiled %d more step shapes in the background in %.1f s", len(tasks), time.perf_counter() - start)
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """At exit, let each background thread finish only the executable it is building."""
+    for executables in list(_workers):
+        executables.close()

@@ -1,0 +1,95 @@
+"""What the engine's step calls to compute a scheduled step: an `Executor`.
+
+Two executors play the part. The `ModelRunner` (model_runner.py) runs the model and the
+sampler on the device. The `CostModelExecutor` (cost_model.py) computes nothing: it returns
+made-up tokens and scores and the time a cost model says the step would take, which is how
+the paper's figures are simulated at a scale no machine here can run. The engine and its
+scheduler cannot tell them apart, so a simulated figure takes exactly the decisions the real
+engine takes, multi-step decode loop included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from paged_jax.core.scheduler import SamplerRow, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """What the engine plans with: the cache's blocks, the longest sequence it may hold, the
+    vocabulary prompts are checked against and the model's own end-of-sequence ids."""
+
+    num_blocks: int
+    num_swap_blocks: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: float
+    rank: int  # in the whole vocabulary; 0 when logprobs were not requested
+    top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless asked
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """For each sampler row, the tokens it sampled (one per step of a decode loop), and the
+    step's modelled seconds (None: the step's time is the wall clock's)."""
+
+    sampled: list[list[Sampled]] = field(default_factory=list)
+    seconds: float | None = None
+
+
+@dataclass
+class StepCounters:
+    """What the executor did since start, for the engine's stats()."""
+
+    num_steps: int = 0  # model steps (each step of a decode loop counts)
+    num_calls: int = 0  # host round trips
+    num_swapped_out: int = 0  # blocks copied device -> host
+    num_swapped_in: int = 0
+    num_copied: int = 0  # blocks copied on write
+    device_wait: float = 0.0  # seconds the host spent waiting for step results
+
+    def count_moves(self, out: SchedulerOutput) -> None:
+        self.num_swapped_out += len(out.swap_out)
+        self.num_swapped_in += len(out.swap_in)
+        self.num_copied += len(out.copies)
+
+
+@dataclass(frozen=True)
+class CompileStats:
+    built: int = 0  # step shapes compiled or loaded before and while serving
+    from_cache: int = 0  # of which loaded from the persistent compilation cache
+    pending: int = 0  # still compiling in the background
+    after_warm_up: int = 0  # compiled on the serving path: a bug, always 0
+
+
+class Executor(Protocol):
+    spec: ExecutorSpec
+    counters: StepCounters
+
+    def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
+                limits: list[int] | None = None) -> StepResult:
+        """Run the step: block moves first (swap out, swap in, copy-on-write copies), then the
+        model. rows are out.sampler_rows(). num_steps > 1 (decode-only steps, as many as
+        decode_loop_steps granted) asks for that many tokens per row in one device loop;
+        limits[i] is the number of tokens chunk i's blocks hold, past which its row writes
+        nothing."""
+
+    def decode_loop_steps(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int) -> int:
+        """num_steps if this decode-only step can run as one loop of that many steps now, else
+        1: asked before the engine grows blocks for the loop."""
+
+    def warm_up(self, num_scheduler_steps: int, background: bool) -> None:
+        """Make every step shape ready before it is needed."""
+
+    def compile_stats(self) -> CompileStats: ...
+
+    def wait_for_compiles(self, timeout: float | None = None) -> bool:
+        """Block until every step shape is ready; False on timeout."""

@@ -1,0 +1,412 @@
+"""The model runner: turns a scheduled step into one jitted model call and one sampler call.
+
+Every step is padded to a bucket so that a small, fixed set of shapes is compiled ahead of
+time: decode-only steps to a number of sequences from 1, 2, 3, 4, 6, 8, 12, ... (one token
+each), other steps to a power-of-two number of tokens and 4, 16, 64, ... sequences (up to
+min(tokens, max_num_seqs)). The largest of each kind is compiled before serving, the others
+on a background thread (compilation.py); a step pads to the smallest ready bucket that fits.
+A shape outside the warm-up set is a bug: it is compiled, counted and logged as an error.
+
+The KV cache lives here, on the device, donated into every step and returned. Swapped-out
+blocks live in host memory (numpy), one array per layer and K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from paged_jax.core.scheduler import SamplerRow, ScheduledChunk, SchedulerOutput
+from paged_jax.model import Model, sharding
+from paged_jax.model.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.sequence import Sequence
+from paged_jax.worker.compilation import Executables
+from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepResult
+from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
+
+logger = logging.getLogger(__name__)
+MIN_TOKEN_BUCKET = 16
+LOOP_FLAGS = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # plain sampling
+
+
+def _buckets(low: int, high: int, *, halves: bool = False) -> list[int]:
+    """Powers of two from low up to high (high included); with halves also 1.5x each
+    (3, 6, 12, 24, 48, ...), which halves the padding of decode batches."""
+    sizes, size = set(), low
+    while size < high:
+        sizes.add(size)
+        if halves and size >= 2:
+            sizes.add(size * 3 // 2)
+        size *= 2
+    return sorted(s for s in sizes if s < high) + [high]
+
+
+def _seq_buckets(high: int) -> list[int]:
+    """Sequence counts of the mixed buckets with up to `high` sequences: 4, 16, 64, ... below
+    it, and high."""
+    return [s for s in (4 ** i for i in range(1, high.bit_length())) if s < high] + [high]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    num_tokens: int
+    num_seqs: int
+    decode: bool  # one token per sequence: tiles of one query token
+
+    @property
+    def max_q_len(self) -> int:
+        return 1 if self.decode else self.num_tokens
+
+
+class ModelRunner:
+    def __init__(self, model: Model, *, num_blocks: int, block_size: int, num_swap_blocks: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.spec = ExecutorSpec(num_blocks, num_swap_blocks, max_model_len, model.config.vocab_size, eos_token_ids)
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.eos_token_ids = eos_token_ids
+        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype, model.mesh)
+        shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
+        self.swap_space = [(np.zeros(shape, model.dtype), np.zeros(shape, model.dtype)) for _ in self.kv_cache]
+        self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
+        # Mixed steps pad tokens and sequences apart: a lone prompt in a bucket sized for many
+        # sequences pays for their attention tiles and logits rows.
+        self.mixed_buckets = [Bucket(t, s, False)
+                              for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
+                              for s in _seq_buckets(min(t, max_num_seqs))]
+        # Bucket (one step) or (Bucket, steps, flags) (decode loop) -> executable
+        self.executables = Executables()
+        self.decode_loop = make_decode_loop(model.module, block_size)
+        self.warmed_up = False
+        self.compiles_after_warmup = 0
+        self.counters = StepCounters()
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    def _fitting(self, num_tokens: int, num_seqs: int, decode: bool) -> list[Bucket]:
+        buckets = self.decode_buckets if decode else self.mixed_buckets
+        return [b for b in buckets if b.num_seqs >= num_seqs and (decode or b.num_tokens >= num_tokens)]
+
+    def bucket_for(self, num_tokens: int, num_seqs: int, decode: bool, key=lambda bucket: bucket) -> Bucket:
+        """The smallest bucket that fits and whose executable (key(bucket)) is ready; the
+        smallest that fits when none is ready (then it compiles now: without warm-up only)."""
+        fitting = self._fitting(num_tokens, num_seqs, decode)
+        return next((b for b in fitting if key(b) in self.executables), fitting[0])
+
+    def executable(self, key):
+        """The compiled device call for key: a Bucket (one forward step) or (Bucket, num_steps,
+        flags) (a decode loop). `execute` gets each call it makes here, so a wrapper set on an
+        instance sees every call's key and arguments (experiments/step_profile.py records a run
+        so). Building one here is a compile on the serving path, which after warm-up means the
+        warm-up set is incomplete (a bug, counted and logged)."""
+        executable = self.executables.get(key)
+        if executable is None:
+            if self.warmed_up:
+                self.compiles_after_warmup += 1
+                logger.error("compiling step %s after warm-up; the warm-up set is incomplete", key)
+            executable = self.executables.build(*self._task(key))
+        return executable
+
+    def _inputs(self, chunks: list[SequenceChunk], tokens: np.ndarray, bucket: Bucket):
+        positions, meta = build_metadata(
+            chunks, self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
+            num_tokens=bucket.num_tokens, num_seqs=bucket.num_seqs, max_q_len=bucket.max_q_len,
+        )
+        padded = np.zeros(bucket.num_tokens, np.int32)
+        padded[: len(tokens)] = tokens
+        return padded, positions, meta
+
+    def _task(self, key):
+        return self._step_task(key) if isinstance(key, Bucket) else self._loop_task(*key)
+
+    def _step_task(self, bucket: Bucket):
+        """How to build a bucket's step: compile the forward pass (from abstract arguments, so
+        a background thread never touches the live cache) and warm the common samplers."""
+        tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
+        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta)
+        forward, vocab = self.model.forward, self.model.config.vocab_size
+
+        def make():
+            batch = SamplingBatch(**empty_batch(bucket.num_seqs))
+            # Placed as the forward pass returns them (replicated over the mesh): jit
+            # keys its cache on where arguments live, so a warm-up elsewhere would warm nothing.
+            logits = jax.device_put(jnp.zeros((bucket.num_seqs, vocab), jnp.float32),
+                                    sharding.replicated(self.model.mesh))
+            for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
+                sample(logits, batch, flags).tokens.block_until_ready()
+            return forward.lower(*args).compile()
+
+        return bucket, make
+
+    def _loop_task(self, bucket: Bucket, num_steps: int, flags: SamplerFlags):
+        tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
+        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta,
+                SamplingBatch(**empty_batch(bucket.num_seqs)), np.zeros(bucket.num_seqs, np.int32))
+        loop = self.decode_loop
+        return (bucket, num_steps, flags), lambda: loop.lower(*args, num_steps=num_steps, flags=flags).compile()
+
+    def warm_up(self, num_scheduler_steps: int = 1, background: bool = True) -> None:
+        """Make every step shape ready before it is needed: the largest bucket of each kind
+        now (with it every step can run, padded), the others now too or, with background,
+        on the compile thread while serving (smallest first). The decode loop's plain-sampling
+        variant is part of the set when it will be used; its rarer variants (top-k/p,
+        logprobs) are queued the first time a step wants them."""
+        tasks = []
+        for bucket in sorted(self.decode_buckets + self.mixed_buckets, key=lambda b: (b.num_tokens, not b.decode)):
+            tasks.append(self._step_task(bucket))
+            if bucket.decode and num_scheduler_steps > 1:
+                tasks.append(self._loop_task(bucket, num_scheduler_steps, LOOP_FLAGS))
+        covering = {self.decode_buckets[-1], self.mixed_buckets[-1]}
+        now = [t for t in tasks if _bucket_of(t[0]) in covering] if background else tasks
+        for key, make in tqdm(now, desc="compiling step shapes", unit="shape", leave=False,
+                              disable=not logger.isEnabledFor(logging.INFO)):
+            self.executables.build(key, make)
+        if background:
+            self.executables.queue([t for t in tasks if _bucket_of(t[0]) not in covering])
+        self.warmed_up = True
+
+    def compile_stats(self) -> CompileStats:
+        built = self.executables.stats
+        return CompileStats(built.compiled, built.from_cache, self.executables.pending, self.compiles_after_warmup)
+
+    def wait_for_compiles(self, timeout: float | None = None) -> bool:
+        return self.executables.wait(timeout)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def decode_loop_steps(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int) -> int:
+        """num_steps when the decode loop this batch needs is ready (or the plain-sampling one,
+        always in the warm-up set); else 1, and the loop variant it lacks (top-k/p, logprobs)
+        is queued for the compile thread, so a rare variant never waits for a compiler."""
+        flags, fitting = _loop_flags(rows), self._fitting(0, len(out.chunks), True)
+        if not self.warmed_up or flags == LOOP_FLAGS or any((b, num_steps, flags) in self.executables for b in fitting):
+            return num_steps
+        wanted = (fitting[0], num_steps, flags)
+        if not self.executables.known(wanted):
+            self.executables.queue([self._loop_task(*wanted)])
+        return 1
+
+    def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
+                limits: list[int] | None = None) -> StepResult:
+        """Executor.execute on the device. A row's tokens past its limit are computed and
+        dropped."""
+        if out.swap_out:
+            self.swap_out(out.swap_out)
+        if out.swap_in:
+            self.swap_in(out.swap_in)
+        if out.copies:
+            src, dst = (_pad_ids(np.asarray(x)) for x in zip(*out.copies))
+            self.kv_cache = _copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, src, dst)
+            self.counters.num_copied += len(out.copies)
+        if not out.chunks:
+            return StepResult()
+        chunks = out.chunks
+        # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
+        # then the rows are packed and take their chunk's logits by index.
+        fan_out = len(rows) > sum(c.samples for c in chunks)
+        flags = _sampler_flags(rows) if rows else None
+        if num_steps > 1:
+            assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
+            flags = _loop_flags(rows)
+            bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, num_steps, flags))
+        else:
+            bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
+        tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
+                                                           for c in chunks), np.int32, count=out.num_tokens)
+        tokens, positions, meta = self._inputs(
+            [SequenceChunk(c.seq.block_table, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
+        if fan_out:
+            num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
+            logit_rows = np.zeros(num_rows, np.int32)
+            logit_rows[: len(rows)] = [i for i, _, _ in rows]
+            placed = [(row, (c, seq)) for row, (_, c, seq) in enumerate(rows)]
+        else:
+            num_rows = bucket.num_seqs
+            placed = [(i, (c, seq)) for i, c, seq in rows]
+        batch = self._sampling_batch(placed, num_rows, flags) if rows else None
+        if num_steps > 1:
+            limit = np.zeros(bucket.num_seqs, np.int32)
+            limit[: len(limits)] = limits
+            args = (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit)
+            sampled, self.kv_cache = self.executable((bucket, num_steps, flags))(*args)
+        else:
+            args = (self.model.params, tokens, positions, self.kv_cache, meta)
+            logits, self.kv_cache = self.executable(bucket)(*args)
+            if not rows:
+                self.counters.num_steps += 1
+                self.counters.num_calls += 1
+                return StepResult()
+            if fan_out:
+                logits = _take_rows(logits, logit_rows)
+            sampled = sample(logits, batch, flags)
+        self.counters.num_steps += num_steps
+        self.counters.num_calls += 1
+        start = time.perf_counter()
+        result = jax.device_get(sampled)  # [steps, rows, ...], or [rows, ...] after one step
+        self.counters.device_wait += time.perf_counter() - start
+        if num_steps == 1:
+            result = jax.tree.map(lambda x: x[None], result)  # numpy: no device op
+        return StepResult([self._results(result, row, chunk) for row, (chunk, _) in placed])
+
+    @staticmethod
+    def _results(result, row: int, chunk: ScheduledChunk) -> list[Sampled]:
+        k = chunk.group.params.logprobs or 0
+        return [
+            Sampled(int(result.tokens[step, row]), float(result.logprobs[step, row]), int(result.ranks[step, row]),
+                    list(zip(result.top_ids[step, row, :k].tolist(), result.top_logprobs[step, row, :k].tolist())))
+            for step in range(result.tokens.shape[0])
+        ]
+
+    def _sampling_batch(self, placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]], num_rows: int,
+                        flags: SamplerFlags) -> SamplingBatch:
+        """Sampling inputs with (row, (chunk, sequence)) placed at each row."""
+        b = empty_batch(num_rows)
+        banned_rows, history_rows = {}, {}
+        for i, (chunk, seq) in placed:
+            p = chunk.group.params
+            b["temperature"][i], b["top_k"][i], b["top_p"][i], b["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
+            b["presence"][i], b["frequency"][i], b["repetition"][i] = (
+                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+            b["keys"][i] = seq.key
+            b["counters"][i] = len(seq.output_token_ids)
+            if p.penalised:
+                history_rows[i] = seq
+            if len(seq.output_token_ids) < p.min_tokens:
+                banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
+        if flags.adjust:
+            b["history"] = np.full((num_rows, self.max_model_len), -1, np.int32)
+            for i, seq in history_rows.items():
+                ids = seq.prompt_token_ids + seq.output_token_ids
+                b["history"][i, : len(ids)] = ids
+                b["output_start"][i] = len(seq.prompt_token_ids)
+            width = max(4, max((len(v) for v in banned_rows.values()), default=0))
+            width = 1 << (width - 1).bit_length()
+            b["banned"] = np.full((num_rows, width), -1, np.int32)
+            for i, ids in banned_rows.items():
+                b["banned"][i, : len(ids)] = ids
+        return SamplingBatch(**b)
+
+    # -- swapping ----------------------------------------------------------------------------
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (device block, host block) pairs (at least one) to host memory, in one gather
+        and one transfer: what `execute` does with a step's swap-out list, and what a benchmark
+        of swapping times (experiments/preemption.py). Returns once the host holds them."""
+        device_blocks, host_blocks = (np.asarray(x) for x in zip(*pairs))
+        pages = jax.device_get(_gather_blocks(self.kv_cache, jnp.asarray(_pad_ids(device_blocks))))
+        for (k_host, v_host), (k, v) in zip(self.swap_space, pages):
+            k_host[:, host_blocks] = k[:, : len(host_blocks)]
+            v_host[:, host_blocks] = v[:, : len(host_blocks)]
+        self.counters.num_swapped_out += len(pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (host block, device block) pairs (at least one) back into the KV cache: the
+        inverse of `swap_out`, asynchronous like any device update of the cache."""
+        host_blocks, device_blocks = (np.asarray(x) for x in zip(*pairs))
+        padded = _pad_ids(device_blocks)
+        pages = tuple((_pad_rows(k[:, host_blocks], len(padded)), _pad_rows(v[:, host_blocks], len(padded)))
+                      for k, v in self.swap_space)
+        self.kv_cache = _scatter_blocks(self.kv_cache, jnp.asarray(padded), pages)
+        self.counters.num_swapped_in += len(pairs)
+
+
+def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerFlags:
+    """The sampler features a step's rows need (see SamplerFlags)."""
+    params = [(c.group.params, seq) for _, c, seq in rows]
+    return SamplerFlags(
+        sample=any(not p.greedy for p, _ in params),
+        filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p, _ in params),
+        adjust=any(p.penalised or len(seq.output_token_ids) < p.min_tokens for p, seq in params),
+        logprobs=any(p.logprobs is not None for p, _ in params),
+    )
+
+
+def make_decode_loop(module, block_size: int):
+    """The jitted decode loop of module (see _decode_loop; the KV cache is donated). The runner
+    holds its model's as `decode_loop`; a profiler makes one for a changed module
+    (experiments/step_profile.py: attention off)."""
+    return jax.jit(functools.partial(_decode_loop, module, block_size), static_argnames=("num_steps", "flags"),
+                   donate_argnums=(3,))
+
+
+def _loop_flags(rows: list[SamplerRow]) -> SamplerFlags:
+    """The decode loop's sampler variant: greedy rows are handled by a sampling loop too, one
+    compiled variant fewer."""
+    return _sampler_flags(rows)._replace(sample=True)
+
+
+def _decode_loop(module, block_size, params, tokens, positions, kv_cache, meta: AttentionMetadata,
+                 batch: SamplingBatch, limit, *, num_steps: int, flags: SamplerFlags):
+    """num_steps decode steps on the device: each step's sampled tokens are the next step's
+    inputs, so the host sees the device once per num_steps tokens. Row i writes K/V only at
+    positions below limit[i] (what its blocks hold); later tokens are computed and dropped.
+    Returns SamplerOutput fields [steps, rows, ...]."""
+    rows = jnp.arange(tokens.shape[0])
+    real = meta.slot_mapping >= 0  # padding rows stay padding
+
+    def step(carry, _):
+        tokens, positions, context_lens, counters, kv_cache = carry
+        block = meta.block_tables[rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]
+        slots = jnp.where(real & (positions < limit), block * block_size + positions % block_size, -1)
+        step_meta = meta.replace(context_lens=context_lens, slot_mapping=slots)
+        logits, kv_cache = module.apply({"params": params}, tokens, positions, kv_cache, step_meta)
+        out = sample(logits, batch.replace(counters=counters), flags)
+        return (out.tokens, positions + 1, context_lens + real, counters + 1, kv_cache), out
+
+    carry = (tokens, positions, meta.context_lens, batch.counters, kv_cache)
+    (_, _, _, _, kv_cache), outputs = jax.lax.scan(step, carry, None, length=num_steps)
+    return outputs, kv_cache
+
+
+def _abstract(tree):
+    """Shapes, dtypes and shardings (tensor parallel: the executables take the sharded arrays)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _bucket_of(key) -> Bucket:
+    return key if isinstance(key, Bucket) else key[0]
+
+
+def _pad_ids(ids: np.ndarray) -> np.ndarray:
+    """Pad block ids to a power of two (>= 8) with -1, so few copy shapes compile."""
+    width = max(8, 1 << (len(ids) - 1).bit_length())
+    return np.concatenate([ids, np.full(width - len(ids), -1)]).astype(np.int32)
+
+
+def _pad_rows(pages: np.ndarray, width: int) -> np.ndarray:
+    return np.concatenate([pages, np.zeros((pages.shape[0], width - pages.shape[1]) + pages.shape[2:], pages.dtype)], 1)
+
+
+@jax.jit
+def _take_rows(logits, rows):
+    return logits[rows]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _copy_blocks(copy, kv_cache, src, dst):
+    """Copy whole blocks src[i] -> dst[i] (-1 = padding) in every layer, K and V."""
+    return tuple(copy(k, v, src, dst) for k, v in kv_cache)
+
+
+@jax.jit
+def _gather_blocks(kv_cache, blocks):
+    """Per layer (k, v) [Hkv, len(blocks), B, D] copies of the blocks (-1: block 0, unused)."""
+    ids = jnp.maximum(blocks, 0)
+    return tuple((k[:, ids], v[:, ids]) for k, v in kv_cache)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_blocks(kv_cache, blocks, pages):
+    ids = jnp.where(blocks >= 0, blocks, kv_cache[0][0].shape[1])  # padding is dropped
+    return tuple((k.at[:, ids].set(pk, mode="drop"), v.at[:, ids].set(pv, mode="drop"))
+                 for (k, v), (pk, pv) in zip(kv_cache, pages))
