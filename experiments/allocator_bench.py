@@ -15,6 +15,9 @@ Medians over repeats, the contenders taking turns (a shared machine is noisy); r
 pool / numpy pool.
 
     python -m experiments.allocator_bench [--repeats 15] [--num-blocks 4096]
+
+It reads the old allocator from the repository's history, so it needs a clone that has commit
+BEFORE (not a shallow one); the tests do not run it.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ sampling (one sequence, taken here as n = 1) to 2.3x at beam width 6; sharing br
 2.2x (vLLM's own claim); the chatbot sustains 2x the rate of every Orca variant.
 
 Two ways, labelled:
-- simulation at the paper's scale (experiments/simulator.py): our scheduler, memory managers,
-  search rule and block operations, modelled step times of OPT-13B on an A100; the beams'
+- simulation at the paper's scale (experiments/simulator.py): our engine on the cost-model
+  executor (its scheduler, memory managers, search rule and block operations), modelled step
+  times of OPT-13B on an A100; the beams'
   scores are made up (the simulator's BEAM_SPREAD), so it also reports what sharing saved, to
   set beside the paper's Fig. 15;
 - real execution at the paper's memory scale with the model this machine runs (the embedded

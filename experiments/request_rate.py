@@ -14,7 +14,7 @@ processes' load, and the ratios of two wall-clock runs disagreed (the notes of
 experiments/results/README.md). On a CPU that clock is one fixed model (CPU_CLOCK), so a rerun
 gives the same ratios.
 At the paper's scale (OPT-13B on an A100, 2048-token context) the sweep runs in the simulator
-(experiments/simulator.py): the same scheduler and memory managers, modelled step times.
+(experiments/simulator.py): the engine itself on the cost-model executor, modelled step times.
 
 Run `python -m experiments.request_rate [--size tiny|quick|full] [--simulate]`; results go to
 experiments/results/request_rate[_simulated]_<device>[_<size>].{md,json,png}.

@@ -24,7 +24,6 @@ from experiments.workloads import Request
 from paged_jax.engine.llm_engine import LLMEngine
 from paged_jax.engine_args import EngineArgs
 from paged_jax.worker.cost_model import CostModel, CostModelExecutor
-from paged_jax.worker.executor import ExecutorSpec
 
 BEAM_SPREAD = 1.0  # std of the made-up logits of a beam's candidates (see the docstring)
 VOCAB_SIZE = 32_000  # the made-up prompts' token ids are drawn below it; nothing depends on them
@@ -54,9 +53,7 @@ def simulated_engine(system: str, scale: Scale = Scale(), cost: CostModel = A100
                       max_model_len=scale.max_model_len, max_num_seqs=scale.max_num_seqs,
                       max_num_batched_tokens=scale.max_num_batched_tokens,
                       num_scheduler_steps=scale.num_scheduler_steps, seed=seed, **system_args(system))
-    spec = ExecutorSpec(num_blocks=num_blocks, num_swap_blocks=0, max_model_len=scale.max_model_len,
-                        vocab_size=VOCAB_SIZE)
-    return LLMEngine(args, executor=CostModelExecutor(cost, spec, scale.block_size, BEAM_SPREAD, seed))
+    return LLMEngine(args, executor=CostModelExecutor(args, cost, VOCAB_SIZE, BEAM_SPREAD))
 
 
 def simulated_server(system: str, requests: list[Request], scale: Scale = Scale(), cost: CostModel = A100_OPT13B,

@@ -31,7 +31,7 @@ class EngineArgs:
     enable_block_sharing: bool = True
     preemption_mode: str = "recompute"
     # The paper's baselines run in this engine with only these two changed: "orca-max",
-    # "orca-pow2", "orca-oracle" reserve each request's KV contiguously (reservation.py);
+    # "orca-pow2", "orca-oracle" reserve each request's KV contiguously (kv/reservation.py);
     # batching="static" admits a new batch only when the last is done.
     memory_manager: str = "paged"
     batching: str = "continuous"
@@ -47,7 +47,7 @@ class EngineArgs:
     # Compile the step shapes at start-up (else on first use). With background_compile only
     # the largest of each kind is compiled before serving, the rest on a background thread
     # (steps pad to a ready shape meanwhile); False waits for all of them (steady-state
-    # benchmarks). compilation_cache: JAX's persistent cache (paged_jax/compilation.py).
+    # benchmarks). compilation_cache: JAX's persistent cache (paged_jax/worker/compilation.py).
     warm_up: bool = True
     background_compile: bool = True
     compilation_cache: bool = True

@@ -141,4 +141,3 @@ def copy_blocks(
         compiler_params=triton_params(num_warps=4, num_stages=1),
         name="copy_blocks",
     )(src.astype(jnp.int32), dst.astype(jnp.int32), k_pages, v_pages)
-

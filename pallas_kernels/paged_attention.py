@@ -270,4 +270,3 @@ def paged_attention(
         sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages,
     )
-

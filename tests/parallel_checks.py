@@ -209,7 +209,7 @@ def served_by_async_engine(front, prompts) -> dict:
 
     try:
         outputs = asyncio.run(run())
-        snapshot = server.snapshot
+        snapshot = server.latest_load
         return {"outputs": outputs, "num_blocks": snapshot.num_blocks, "num_free_blocks": snapshot.num_free_blocks}
     finally:
         server.shutdown()

@@ -17,12 +17,6 @@ from paged_jax.kv import allocator as alloc
 NUM_BLOCKS = 24
 
 
-def padded(blocks):
-    """The blocks and -1 entries (what allocate_where gives for rows not asked for), which
-    every operation ignores."""
-    return np.asarray(list(blocks) + [-1, -1], np.int32)
-
-
 def snapshot(state):
     return [np.array(field) for field in dataclasses.astuple(state)]
 
@@ -44,8 +38,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def allocate(self, n):
         before = snapshot(self.state)
         free_before = int(self.state.num_free)
-        self.state, blocks, ok = alloc.allocate_where(self.state, padded([0] * n) >= 0)
-        blocks = [int(b) for b in blocks if b >= 0]
+        self.state, blocks, ok = alloc.allocate(self.state, n)
+        blocks = blocks.tolist()
         assert bool(ok) == (n <= free_before)
         if ok:
             assert len(blocks) == n
@@ -58,13 +52,13 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def free(self, data):
         name = data.draw(st.sampled_from(sorted(self.tables)))
-        self.state = alloc.free(self.state, padded(self.tables.pop(name)))
+        self.state = alloc.free(self.state, self.tables.pop(name))
 
     @precondition(lambda self: self.tables)
     @rule(data=st.data())
     def fork(self, data):
         name = data.draw(st.sampled_from(sorted(self.tables)))
-        self.state = alloc.fork(self.state, padded(self.tables[name]))
+        self.state = alloc.fork(self.state, self.tables[name])
         self._new_table(self.tables[name])
 
     @precondition(lambda self: self.tables)
@@ -75,7 +69,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         index = data.draw(st.integers(0, len(table) - 1))
         shared = int(self.state.ref_counts[table[index]]) > 1
         free_before = int(self.state.num_free)
-        self.state, targets, copied, ok = alloc.copy_on_write(self.state, padded([table[index]]))
+        self.state, targets, copied, ok = alloc.copy_on_write(self.state, [table[index]])
         assert bool(ok) == (not shared or free_before > 0)
         assert bool(copied[0]) == (shared and bool(ok))
         if copied[0]:
@@ -116,4 +110,3 @@ def test_freeing_the_same_block_twice_in_one_call_releases_it_once():
     state = alloc.free(state, np.concatenate([blocks, blocks]))
     assert int(state.num_free) == 4
     assert sorted(np.asarray(state.free_stack).tolist()) == [0, 1, 2, 3]
-

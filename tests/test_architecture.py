@@ -72,3 +72,47 @@ def test_modules_are_small_and_the_top_level_is_the_shared_vocabulary():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS) - {""}
+
+
+def protocol_members(protocol: type) -> set[str]:
+    annotated = set(getattr(protocol, "__annotations__", {}))
+    methods = {name for name, value in vars(protocol).items()
+               if (callable(value) or isinstance(value, property)) and not name.startswith("_")}
+    return annotated | methods
+
+
+def test_each_implementer_has_every_member_of_its_protocol():
+    """Protocols are checked structurally by nobody at run time: this is the check. Attributes
+    are looked up on an instance (they are set in __init__), methods on the class."""
+    from experiments.simulator import simulated_engine
+    from paged_jax.engine.client import EngineClient
+    from paged_jax.engine.data_parallel import DataParallelEngine
+    from paged_jax.engine.multihost import Leader
+    from paged_jax.kv import BlockManager, ReservingBlockManager
+    from paged_jax.kv.interface import KVCacheManager
+    from paged_jax.worker.cost_model import CostModelExecutor
+    from paged_jax.worker.executor import Executor
+    from paged_jax.worker.model_runner import ModelRunner
+
+    engine = simulated_engine("paged-jax")
+    leader = Leader(engine)
+    instances = {
+        EngineClient: [engine, leader],
+        KVCacheManager: [BlockManager(16, 4, 4), ReservingBlockManager(16, 4, "max", 64)],
+        Executor: [engine.executor],
+    }
+    classes = {EngineClient: [DataParallelEngine], Executor: [ModelRunner, CostModelExecutor]}
+    missing = {(p.__name__, type(x).__name__, m) for p, xs in instances.items() for x in xs
+               for m in protocol_members(p) if not hasattr(x, m)}
+    methods = {m for p in classes for m in protocol_members(p) if callable(getattr(p, m, None))}
+    missing |= {(p.__name__, c.__name__, m) for p, cs in classes.items() for c in cs
+                for m in protocol_members(p) & methods if not callable(getattr(c, m, None))}
+    leader.close()
+    assert missing == set()
+
+
+def test_the_engine_arguments_name_every_memory_manager_the_kv_layer_makes():
+    from paged_jax.engine_args import MEMORY_MANAGERS
+    from paged_jax.kv.reservation import POLICIES
+
+    assert set(MEMORY_MANAGERS) == {"paged"} | {f"orca-{policy}" for policy in POLICIES}

@@ -52,7 +52,7 @@ def test_concurrent_clients_get_the_offline_outputs_and_share_steps(engine, refe
         texts = [o.outputs[0].text for o in outputs]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative, growing
     assert max(r.num_requests for r in engine.engine.step_log) > 1  # clients were batched together
-    assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+    assert engine.latest_load.num_free_blocks == engine.latest_load.num_blocks
 
 
 def test_without_its_thread_the_owner_drives_the_engine_by_run_iteration(llama_with_tokenizer, reference):
@@ -94,7 +94,7 @@ def test_abort_ends_the_stream_and_frees_blocks(engine):
     assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
     assert len(seen[-1].outputs[0].token_ids) < 100
     assert other[-1].outputs[0].finish_reason == "length"
-    assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+    assert engine.latest_load.num_free_blocks == engine.latest_load.num_blocks
     assert not engine.engine.has_unfinished_requests()
 
 
@@ -106,8 +106,8 @@ def test_leaving_the_loop_early_aborts_the_request(engine):
             if output.outputs[0].token_ids:
                 break
         for _ in range(200):  # the abort is applied between steps
-            if not engine.engine.has_unfinished_requests() and engine.snapshot.num_free_blocks == \
-                    engine.snapshot.num_blocks:
+            if not engine.engine.has_unfinished_requests() and engine.latest_load.num_free_blocks == \
+                    engine.latest_load.num_blocks:
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -153,7 +153,7 @@ def test_a_step_that_raises_fails_its_requests_and_the_loop_carries_on(engine, r
 
     outputs = run(main())
     assert outputs[-1].outputs[0].text == reference[0]
-    assert engine.snapshot.num_free_blocks == engine.snapshot.num_blocks
+    assert engine.latest_load.num_free_blocks == engine.latest_load.num_blocks
     assert engine.is_running
 
 

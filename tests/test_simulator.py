@@ -13,7 +13,6 @@ import pytest
 from experiments.simulator import A100_OPT13B, Scale, simulated_engine
 from paged_jax import BeamSearchParams, EngineArgs, LLMEngine, SamplingParams
 from paged_jax.worker.cost_model import CostModelExecutor
-from paged_jax.worker.executor import ExecutorSpec
 
 # A cache too small for the load: requests are preempted (recompute) and resumed.
 ARGS = dict(block_size=4, num_gpu_blocks_override=32, max_num_seqs=6, max_num_batched_tokens=48, max_model_len=96,
@@ -21,9 +20,7 @@ ARGS = dict(block_size=4, num_gpu_blocks_override=32, max_num_seqs=6, max_num_ba
 
 
 def simulated(args: EngineArgs, vocab_size: int = 1000) -> LLMEngine:
-    spec = ExecutorSpec(num_blocks=args.num_gpu_blocks_override, num_swap_blocks=0, max_model_len=args.max_model_len,
-                        vocab_size=vocab_size)
-    return LLMEngine(args, executor=CostModelExecutor(A100_OPT13B, spec, args.block_size))
+    return LLMEngine(args, executor=CostModelExecutor(args, A100_OPT13B, vocab_size))
 
 
 def trace(rng, engine: LLMEngine, num_requests: int = 14):

@@ -2,8 +2,9 @@
 
 A request with n > 1 runs one sequence through its prompt; its siblings fork from it when the
 prompt is computed. A beam search keeps the best continuations each step: a beam kept k times
-forks k - 1 children, a beam not kept is freed. The engine calls these with the tokens the
-executor sampled, the paper-scale simulator with made-up scores: one code for both.
+forks k - 1 children, a beam not kept is freed. The engine calls these after each step with
+what its executor sampled (real tokens, or the cost model's made-up scores), on whichever KV
+cache manager it runs.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from paged_jax.core.scheduler import Scheduler
 from paged_jax.kv.block_manager import BlockManager
+from paged_jax.kv.interface import KVCacheManager
 from paged_jax.sequence import Sequence, SequenceGroup
 
 
@@ -85,7 +86,7 @@ class KVSnapshot:
         raise KeyError(f"no live sequence {index} of request {request_id!r}")
 
 
-def take_snapshot(step: int, scheduler: Scheduler, blocks: BlockManager) -> KVSnapshot:
+def take_snapshot(step: int, scheduler: Scheduler, blocks: KVCacheManager) -> KVSnapshot:
     """The cache as the scheduler's queues and the block manager hold it now."""
     if not isinstance(blocks, BlockManager):
         raise ValueError("kv_snapshot draws the paged memory manager: the Orca baselines (memory_manager='orca-*') "

@@ -1,6 +1,7 @@
-"""AsyncLLMEngine: one `LLMEngine` shared by many asyncio clients (vLLM's online engine).
+"""AsyncLLMEngine: one engine (an `EngineClient`: an LLMEngine, the data-parallel front or the
+multi-host leader) shared by many asyncio clients (vLLM's online engine).
 
-One thread, the engine loop, owns the `LLMEngine`: it alone calls `add_request`, `step` and
+One thread, the engine loop, owns the engine: it alone calls `add_request`, `step` and
 `abort_request`. Coroutines talk to it through a command queue (add, abort) and receive their
 outputs through a per-request stream, fed with `loop.call_soon_threadsafe`. Requests that
 arrive while a step runs are admitted between steps and join the next one, so clients on
@@ -35,7 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from paged_jax.beam_search import BeamSearchParams
-from paged_jax.engine.client import EngineClient, EngineLoad
+from paged_jax.engine.client import EngineClient, EngineLoad, PromptType
 from paged_jax.engine.data_parallel import make_engine
 from paged_jax.engine_args import EngineArgs
 from paged_jax.outputs import RequestOutput
@@ -103,7 +104,7 @@ class RequestStream:
 @dataclass
 class _Add:
     request_id: str
-    prompt: str | dict | list[int]
+    prompt: PromptType
     params: SamplingParams | BeamSearchParams
     arrival_time: float
     stream: RequestStream
@@ -146,7 +147,7 @@ class AsyncLLMEngine:
         self._outbox: list = []  # engine thread only: (loop, method, args) to call after the iteration
         self._stopping = False
         self._dead: BaseException | None = None
-        self.snapshot: EngineLoad = engine.load()  # the queues and blocks after the latest iteration
+        self.latest_load: EngineLoad = engine.load()  # the queues and blocks after the latest iteration
         self._thread: threading.Thread | None = None
         if start_engine_loop:
             self._thread = threading.Thread(target=self._run, name="paged-jax-engine", daemon=True)
@@ -158,7 +159,7 @@ class AsyncLLMEngine:
 
     # -- the client's side ---------------------------------------------------------------------
 
-    async def add_request(self, request_id: str, prompt: str | dict | list[int],
+    async def add_request(self, request_id: str, prompt: PromptType,
                           params: SamplingParams | BeamSearchParams | None = None,
                           arrival_time: float | None = None) -> RequestStream:
         """Queue a request and wait until the engine has admitted it (between two steps).
@@ -173,7 +174,7 @@ class AsyncLLMEngine:
             raise
         return stream
 
-    async def generate(self, prompt: str | dict | list[int], sampling_params: SamplingParams | BeamSearchParams,
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | BeamSearchParams,
                        request_id: str, arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs as tokens arrive (cumulative, like LLMEngine.step's), the finished one last.
         Leaving the loop early (break, cancellation, a closed connection) aborts the request,
@@ -269,7 +270,7 @@ class AsyncLLMEngine:
         if self.engine.has_unfinished_requests():
             self._step()
         # The snapshot first: a client that sees its request end sees its blocks free.
-        self.snapshot = self.engine.load()
+        self.latest_load = self.engine.load()
         self._flush()
 
     def _apply(self, command: _Add | _Abort) -> None:

@@ -10,6 +10,7 @@ are several.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from paged_jax.core.kv_snapshot import KVSnapshot
     from paged_jax.engine_args import EngineArgs
 
-PromptType = str | dict | list[int]
+PromptType = str | dict  # text, or {"prompt_token_ids": [...], "prompt": optional text}
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,7 @@ class EngineLoad:
         return 1 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
 
     def __add__(self, other: EngineLoad) -> EngineLoad:
-        return EngineLoad(*(a + b for a, b in zip(_fields(self), _fields(other))))
-
-
-def _fields(load: EngineLoad) -> tuple[int, ...]:
-    return tuple(getattr(load, name) for name in EngineLoad.__dataclass_fields__)
+        return EngineLoad(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 class EngineClient(Protocol):
@@ -82,7 +79,8 @@ class EngineClient(Protocol):
         """Counters since start: the cache, preemptions, steps, start-up (see LLMEngine.stats)."""
 
     def kv_snapshot(self) -> KVSnapshot:
-        """The paged KV cache between steps (core/kv_snapshot.py)."""
+        """The paged KV cache between steps (core/kv_snapshot.py); ValueError where there is no
+        single paged cache to show (data-parallel engines, Orca's reservations)."""
 
     def wait_for_compiles(self, timeout: float | None = None) -> bool:
         """Block until every step shape is compiled; False on timeout."""

@@ -3,9 +3,8 @@
 Each engine is a whole LLMEngine (its own scheduler, allocator, KV cache, tensor-parallel
 over its T devices); the front sends each new request to the least-loaded engine and steps
 the busy engines together, one thread each, so their devices compute at the same time (a
-step spends most of its time in XLA, which releases the GIL). The front has LLMEngine's
-request interface (add_request / step / abort_request / has_unfinished_requests) and the
-attributes the server reads, so `LLM` and the server drive it as they drive one engine.
+step spends most of its time in XLA, which releases the GIL). The front is an `EngineClient`
+(client.py), so `LLM` and the server drive it as they drive one engine.
 """
 
 from __future__ import annotations
@@ -17,12 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
+from paged_jax.beam_search import BeamSearchParams
 from paged_jax.core.kv_snapshot import KVSnapshot
-from paged_jax.engine.client import EngineClient, EngineLoad
+from paged_jax.engine.client import EngineClient, EngineLoad, PromptType
 from paged_jax.engine.llm_engine import LLMEngine
 from paged_jax.engine_args import EngineArgs
 from paged_jax.model import sharding
 from paged_jax.outputs import RequestOutput
+from paged_jax.sampling_params import SamplingParams
 
 # stats() entries that add up over engines; the others are per engine, under "engines".
 _SUMMED = ("num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_device_calls",
@@ -56,7 +57,8 @@ class DataParallelEngine:
         load = engine.load()
         return load.num_running + load.num_waiting + load.num_swapped, load.num_unfinished_tokens
 
-    def add_request(self, request_id: str, prompt, params=None, arrival_time: float | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | BeamSearchParams | None = None,
+                    arrival_time: float | None = None) -> None:
         if any(request_id in e.groups for e in self.engines):
             raise ValueError(f"request_id {request_id!r} is already in use")
         engine = min(self.engines, key=self._busyness)  # ties: the first

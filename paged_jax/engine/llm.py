@@ -14,12 +14,11 @@ from tqdm import tqdm
 
 from paged_jax.beam_search import BeamSearchParams
 from paged_jax.core.kv_snapshot import KVSnapshot
+from paged_jax.engine.client import PromptType
 from paged_jax.engine.data_parallel import make_engine
 from paged_jax.engine_args import EngineArgs
 from paged_jax.outputs import BeamSearchOutput, BeamSearchSequence, RequestMetrics, RequestOutput
 from paged_jax.sampling_params import SamplingParams
-
-PromptType = str | dict
 
 
 class LLM:

@@ -5,7 +5,8 @@ A step: the scheduler picks token chunks within the budgets, the executor comput
 samples where a chunk reaches a sequence's end, and the engine appends the tokens, streams
 their text, applies stop conditions and frees the blocks of finished requests. The executor
 is the model runner, or for the paper-scale simulator a cost model that computes nothing
-(worker/executor.py): the engine decides the same either way.
+(worker/executor.py): the engine decides the same either way once the runner has every
+decode-loop variant compiled (as with background_compile=False).
 
 Sharing happens here, between steps: when the prompt of a request with n > 1 is computed,
 its n - 1 siblings fork from it (each sampled its first token from the prompt's logits); a
@@ -27,9 +28,9 @@ import jax
 from paged_jax.beam_search import BeamSearchParams, check_beam_width
 from paged_jax.core.forks import beam_request, continue_beams, fork_siblings
 from paged_jax.core.kv_snapshot import KVSnapshot, take_snapshot
-from paged_jax.core.scheduler import Scheduler, SchedulerConfig
+from paged_jax.core.scheduler import SamplerRow, Scheduler, SchedulerConfig, SchedulerOutput
 from paged_jax.core.step_record import StepRecord
-from paged_jax.engine.client import EngineLoad
+from paged_jax.engine.client import EngineLoad, PromptType
 from paged_jax.engine_args import EngineArgs
 from paged_jax.kv import make_block_manager
 from paged_jax.logger import configure as configure_logging
@@ -89,7 +90,7 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | dict | list[int],
+    def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | BeamSearchParams | None = None, arrival_time: float | None = None) -> None:
         """Queue a request (sampling, or beam search); a request that can never run raises
         ValueError and changes nothing."""
@@ -109,10 +110,7 @@ class LLMEngine:
         if len(token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"request {request_id!r}: prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                              f"exceeds max_model_len {self.max_model_len}")
-        try:
-            blocks, capacity = self.block_manager.footprint(len(token_ids), max_tokens, params.n)
-        except ValueError as e:
-            raise ValueError(f"request {request_id!r}: {e}") from None
+        blocks, capacity = self.block_manager.footprint(len(token_ids), max_tokens, params.n)
         if blocks > capacity:
             raise ValueError(f"request {request_id!r} needs {blocks} KV blocks at its longest, more than the "
                              f"whole cache holds ({capacity}); lower max_tokens or n, or raise the cache size")
@@ -134,7 +132,7 @@ class LLMEngine:
         return Sequence(seq_id=seq_id, index=index, prompt_token_ids=token_ids, key=request_key(seed),
                         detokenizer=detokenizer, born=born)
 
-    def _prompt(self, prompt) -> tuple[str | None, list[int]]:
+    def _prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError("a prompt dict needs 'prompt_token_ids'")
@@ -179,9 +177,9 @@ class LLMEngine:
         """Run one step; outputs of the requests that made progress (finished ones last seen)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
-        num_steps, limits = self._decode_steps(out)
-        self._record_sharing()
         rows = out.sampler_rows()
+        num_steps, limits = self._decode_steps(out, rows)
+        self._record_sharing()
         scheduled = time.time()
         executed = self.executor.execute(out, rows, num_steps, limits)
         results = executed.sampled
@@ -247,12 +245,13 @@ class LLMEngine:
             for seq in beams:
                 seq.finish_reason = "length"
             return
+
         def fork_of(parent: Sequence) -> Sequence:
             return self._new_sequence(parent.prompt_token_ids, group.params, parent.index, born=True)
 
         continue_beams(group, beams, keep, self.block_manager, fork_of)
 
-    def _decode_steps(self, out) -> tuple[int, list[int] | None]:
+    def _decode_steps(self, out: SchedulerOutput, rows: list[SamplerRow]) -> tuple[int, list[int] | None]:
         """How many decode steps the device may run in one loop, and how many tokens each
         sequence's blocks must hold for it: num_scheduler_steps when only decodes run, none
         needs penalties or min_tokens (their inputs change every token), the executor has the
@@ -267,7 +266,7 @@ class LLMEngine:
                     or len(seq.output_token_ids) < params.min_tokens
                     or seq.num_tokens - 1 + steps > self.max_model_len):
                 return 1, None
-        if self.executor.decode_loop_steps(out, out.sampler_rows(), steps) == 1:
+        if self.executor.decode_loop_steps(out, rows, steps) == 1:
             return 1, None
         limits = [c.seq.num_computed_tokens + min(steps, c.group.params.max_tokens - len(c.seq.output_token_ids))
                   for c in out.chunks]

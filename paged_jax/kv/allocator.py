@@ -4,18 +4,17 @@ The state is immutable: a stack of free block ids, how many are free, and a refe
 per block (read-only arrays; an operation builds the ones it changes). Every operation is a function
 `state -> (state, result)`. Sharing is reference counting: fork increments counts, free
 decrements them and returns a block to the stack when its count reaches zero, copy-on-write
-moves a writer off a shared block. Entries of -1 (what allocate_where gives for rows it was
-not asked for) are ignored by every operation.
+moves a writer off a shared block.
 
 A failed allocation leaves the state unchanged and says so (`ok`), so callers never need to
 undo half an allocation.
 
 Why numpy on the host: the scheduler calls the allocator between steps, a few blocks at a
 time, and plans with the free count and reference counts it leaves. A jitted jax.numpy
-operation costs tens of microseconds of dispatch for such a few-element update (17-70 us on a
-2-core CPU; copy-on-write, a scan, 80-220 us), and reading its result back to plan doubles
-that; a numpy operation takes 4-20 us and leaves its result on the host
-(experiments/allocator_bench.py, results/allocator_cpu.md). What a jitted allocator allowed,
+operation pays a device dispatch for such a few-element update, and reading its result back
+to plan pays again; a numpy operation does neither and leaves its result where the scheduler
+reads it (the two compared: experiments/allocator_bench.py, results/allocator_cpu.md). What a
+jitted allocator allowed,
 allocating inside a device-side multi-step decode loop, is not needed: the engine gives each
 sequence the blocks for all of a loop's tokens before the loop runs.
 """
@@ -48,16 +47,10 @@ def init_allocator(num_blocks: int) -> AllocatorState:
     return AllocatorState(np.arange(num_blocks - 1, -1, -1, dtype=np.int32), num_blocks, np.zeros(num_blocks, np.int32))
 
 
-def _ids(blocks) -> np.ndarray:
-    """The blocks named, -1 entries left out."""
-    blocks = np.asarray(blocks, np.int32)
-    return blocks[blocks >= 0]
-
-
 def allocate(state: AllocatorState, n: int) -> tuple[AllocatorState, np.ndarray, bool]:
-    """n new blocks, all or nothing: (state, blocks int32[n] (all -1 on failure), ok)."""
+    """n new blocks, all or nothing: (state, blocks int32[n], ok); none on failure."""
     if n > state.num_free:
-        return state, np.full(n, -1, np.int32), False
+        return state, np.zeros(0, np.int32), False
     top = state.num_free - n
     blocks = state.free_stack[top:state.num_free][::-1].copy()  # the top of the stack first
     ref_counts = state.ref_counts.copy()
@@ -65,21 +58,10 @@ def allocate(state: AllocatorState, n: int) -> tuple[AllocatorState, np.ndarray,
     return AllocatorState(state.free_stack, top, ref_counts), blocks, True
 
 
-def allocate_where(state: AllocatorState, want) -> tuple[AllocatorState, np.ndarray, bool]:
-    """One new block for each True in want (bool[K]), all or nothing.
-
-    Returns (state, blocks int32[K] with -1 where not wanted or on failure, ok)."""
-    want = np.asarray(want, bool)
-    state, taken, ok = allocate(state, np.count_nonzero(want))
-    blocks = np.full(want.shape, -1, np.int32)
-    blocks[want] = taken
-    return state, blocks, ok
-
-
 def free(state: AllocatorState, blocks) -> AllocatorState:
     """Drop one reference to each block (int32[K]; a block may repeat). Blocks whose count
     reaches zero go back on the stack, each once, in ascending order."""
-    blocks = _ids(blocks)
+    blocks = np.asarray(blocks, np.int32)
     ref_counts = state.ref_counts.copy()
     np.subtract.at(ref_counts, blocks, 1)
     released = np.unique(blocks[ref_counts[blocks] == 0])
@@ -91,7 +73,7 @@ def free(state: AllocatorState, blocks) -> AllocatorState:
 def fork(state: AllocatorState, blocks) -> AllocatorState:
     """One more reference to each block (int32[K]; a block may repeat): a second table shares it."""
     ref_counts = state.ref_counts.copy()
-    np.add.at(ref_counts, _ids(blocks), 1)
+    np.add.at(ref_counts, np.asarray(blocks, np.int32), 1)
     return AllocatorState(state.free_stack, state.num_free, ref_counts)
 
 
@@ -107,7 +89,7 @@ def copy_on_write(state: AllocatorState, blocks) -> tuple[AllocatorState, np.nda
     targets = blocks.copy()
     num_free = state.num_free
     for i, block in enumerate(blocks.tolist()):
-        if block < 0 or ref_counts[block] <= 1:
+        if ref_counts[block] <= 1:
             continue
         if num_free == 0:
             return state, blocks, np.zeros(blocks.shape, bool), False

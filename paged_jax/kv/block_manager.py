@@ -7,7 +7,7 @@ scheduler plans with are read straight from its state.
 Sharing (§4.4 of the paper) is reference counting. A fork gives a second sequence the same
 blocks; before a sequence writes into a block that another holds, the write is moved to a
 private copy (copy-on-write), queued here as a (source, destination) block pair for the
-runner's `copy_blocks`. With the prefix cache on, full blocks are also shared across requests
+executor's block copies. With the prefix cache on, full blocks are also shared across requests
 (prefix_cache.py).
 """
 
@@ -335,4 +335,3 @@ def _extra_references(held: list[int], mapping: dict[int, int]) -> list[int]:
             extra.append(mapping[b])
         seen.add(b)
     return extra
-

@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from paged_jax.engine_args import EngineArgs
 from paged_jax.model.config import ModelConfig
 from pallas_kernels import AttentionBackend
 
@@ -142,7 +143,7 @@ def _pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 # -- mesh, parameters, cache --------------------------------------------------------------------
 
 
-def make_mesh(devices) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device]) -> Mesh:
     """A one-axis mesh ('tp') over the devices of one model."""
     return Mesh(np.asarray(devices), (TP,))
 
@@ -152,14 +153,14 @@ def default_mesh() -> Mesh:
     return make_mesh(jax.local_devices()[:1])
 
 
-def engine_mesh(args, config: ModelConfig, devices=None) -> Mesh:
-    """The mesh of one engine (EngineArgs args, the checkpoint's config): its
-    tensor_parallel_size devices, the first ones unless the data-parallel front chose them."""
+def engine_mesh(args: EngineArgs, config: ModelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of one engine (the checkpoint's config): its tensor_parallel_size devices, the
+    first ones unless the data-parallel front chose them."""
     tp, dp = args.tensor_parallel_size, args.data_parallel_size
     if devices is None:
         if dp > 1:
             raise ValueError("data_parallel_size > 1 runs one engine per device group behind the "
-                             "data-parallel front: use LLM or data_parallel.DataParallelEngine")
+                             "data-parallel front: use LLM or engine.data_parallel.DataParallelEngine")
         check_devices(tp)
         # One device is this process's own: under jax.distributed each process serves alone.
         devices = jax.local_devices()[:1] if tp == 1 else jax.devices()[:tp]
@@ -173,7 +174,7 @@ def engine_mesh(args, config: ModelConfig, devices=None) -> Mesh:
     return make_mesh(devices)
 
 
-def check_multi_process(args) -> None:
+def check_multi_process(args: EngineArgs) -> None:
     """What runs across processes (jax.distributed): every process runs the same engine on
     the same requests and takes the same scheduling decisions (see the README's Scale-out).
     Swapping reads pages back to the host, which would need each process's shards; data

@@ -56,10 +56,6 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
-    @property
-    def model_name(self) -> str:
-        return self.served_model_names[0]
-
 
 def error_response(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
                    code: str | None = None) -> JSONResponse:

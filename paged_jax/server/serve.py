@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             return 0
         engine = multihost.Leader(engine)
-    metrics = ServingMetrics(names[0], lambda: async_engine.snapshot)  # scraped only once the app runs
+    metrics = ServingMetrics(names[0], lambda: async_engine.latest_load)  # scraped only once the app runs
     async_engine = AsyncLLMEngine(engine, on_output=metrics.on_output, on_finish_early=metrics.on_finish_early)
     config = ServerConfig(served_model_names=names, model_path=model,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV),

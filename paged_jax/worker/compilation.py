@@ -23,7 +23,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -67,12 +66,6 @@ def _count_cache_hit(event: str, **_) -> None:
 jax.monitoring.register_event_listener(_count_cache_hit)
 
 
-@dataclass
-class CompileStats:
-    compiled: int = 0  # executables built (from the cache or by compiling)
-    from_cache: int = 0  # of which loaded from the persistent cache
-
-
 class Executables:
     """Compiled step functions by key, built on demand or queued for a background thread.
 
@@ -86,7 +79,8 @@ class Executables:
         self._thread: threading.Thread | None = None
         self._queued: set[Hashable] = set()
         self._closed = False
-        self.stats = CompileStats()
+        self.built = 0  # executables built (from the persistent cache or by compiling)
+        self.from_cache = 0  # of which loaded from the persistent cache
 
     def get(self, key: Hashable) -> Callable | None:
         return self._ready.get(key)
@@ -105,8 +99,8 @@ class Executables:
         hits = getattr(_local, "hits", 0)
         executable = make()
         with self._lock:
-            self.stats.compiled += 1
-            self.stats.from_cache += getattr(_local, "hits", 0) > hits
+            self.built += 1
+            self.from_cache += getattr(_local, "hits", 0) > hits
             self._ready[key] = executable
             self._queued.discard(key)
         return executable

@@ -23,6 +23,7 @@ import numpy as np
 
 from paged_jax.core.scheduler import SamplerRow, SchedulerOutput
 from paged_jax.core.step_record import StepRecord
+from paged_jax.engine_args import EngineArgs
 from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepResult
 
 
@@ -58,12 +59,20 @@ class CostModel:
 
 
 class CostModelExecutor:
-    """Made-up tokens and scores, and each step's time on `cost` (see the module docstring)."""
+    """Made-up tokens and scores, and each step's time on `cost` (see the module docstring).
+    The cache is the one the engine's arguments ask for: num_gpu_blocks_override blocks (no
+    device memory to size it from), max_model_len tokens per sequence, no swap space."""
 
-    def __init__(self, cost: CostModel, spec: ExecutorSpec, block_size: int, logit_spread: float = 1.0,
-                 seed: int = 0):
-        self.cost, self.spec, self.block_size, self.logit_spread = cost, spec, block_size, logit_spread
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, args: EngineArgs, cost: CostModel, vocab_size: int, logit_spread: float = 1.0):
+        if args.num_gpu_blocks_override is None or args.max_model_len is None:
+            raise ValueError("a cost-model engine has no model or device to size from: set num_gpu_blocks_override "
+                             "and max_model_len")
+        if args.preemption_mode == "swap":
+            raise ValueError("the cost model has no swap space: preemption_mode must be 'recompute'")
+        self.spec = ExecutorSpec(num_blocks=args.num_gpu_blocks_override, num_swap_blocks=0,
+                                 max_model_len=args.max_model_len, vocab_size=vocab_size)
+        self.cost, self.block_size, self.logit_spread = cost, args.block_size, logit_spread
+        self.rng = np.random.default_rng(args.seed)
         self.counters = StepCounters()
 
     def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,

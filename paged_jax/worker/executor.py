@@ -5,7 +5,8 @@ sampler on the device. The `CostModelExecutor` (cost_model.py) computes nothing:
 made-up tokens and scores and the time a cost model says the step would take, which is how
 the paper's figures are simulated at a scale no machine here can run. The engine and its
 scheduler cannot tell them apart, so a simulated figure takes exactly the decisions the real
-engine takes, multi-step decode loop included.
+engine takes, multi-step decode loop included (the runner's one difference: while a rare
+decode-loop variant compiles in the background, `decode_loop_steps` runs single steps).
 """
 
 from __future__ import annotations

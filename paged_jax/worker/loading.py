@@ -68,6 +68,8 @@ def _num_blocks(args: EngineArgs, device: jax.Device, config: ModelConfig, bytes
         budget = CPU_KV_CACHE_BYTES
     useful = args.max_num_seqs * -(-max_model_len // args.block_size) + 1
     return int(max(1, min(budget // bytes_per_block, useful)))
+
+
 def _compute_dtype(dtype: str, checkpoint: ModelConfig) -> str:
     """`auto` is the checkpoint's dtype, except half precision on a CPU, where it is float32:
     XLA's CPU matmuls emulate bfloat16 (a model decodes slower in it than in float32), and
@@ -80,5 +82,3 @@ def _compute_dtype(dtype: str, checkpoint: ModelConfig) -> str:
                     stored, stored)
         return "float32"
     return dtype
-
-

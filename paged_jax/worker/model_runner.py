@@ -72,9 +72,7 @@ class ModelRunner:
         self.model = model
         self.spec = ExecutorSpec(num_blocks, num_swap_blocks, max_model_len, model.config.vocab_size, eos_token_ids)
         self.block_size = block_size
-        self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.eos_token_ids = eos_token_ids
         self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype, model.mesh)
         shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
         self.swap_space = [(np.zeros(shape, model.dtype), np.zeros(shape, model.dtype)) for _ in self.kv_cache]
@@ -176,8 +174,8 @@ class ModelRunner:
         self.warmed_up = True
 
     def compile_stats(self) -> CompileStats:
-        built = self.executables.stats
-        return CompileStats(built.compiled, built.from_cache, self.executables.pending, self.compiles_after_warmup)
+        built = self.executables
+        return CompileStats(built.built, built.from_cache, built.pending, self.compiles_after_warmup)
 
     def wait_for_compiles(self, timeout: float | None = None) -> bool:
         return self.executables.wait(timeout)
@@ -200,6 +198,7 @@ class ModelRunner:
                 limits: list[int] | None = None) -> StepResult:
         """Executor.execute on the device. A row's tokens past its limit are computed and
         dropped."""
+        self.counters.count_moves(out)
         if out.swap_out:
             self.swap_out(out.swap_out)
         if out.swap_in:
@@ -207,7 +206,6 @@ class ModelRunner:
         if out.copies:
             src, dst = (_pad_ids(np.asarray(x)) for x in zip(*out.copies))
             self.kv_cache = _copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, src, dst)
-            self.counters.num_copied += len(out.copies)
         if not out.chunks:
             return StepResult()
         chunks = out.chunks
@@ -282,9 +280,9 @@ class ModelRunner:
             if p.penalised:
                 history_rows[i] = seq
             if len(seq.output_token_ids) < p.min_tokens:
-                banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
+                banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.spec.eos_token_ids))
         if flags.adjust:
-            b["history"] = np.full((num_rows, self.max_model_len), -1, np.int32)
+            b["history"] = np.full((num_rows, self.spec.max_model_len), -1, np.int32)
             for i, seq in history_rows.items():
                 ids = seq.prompt_token_ids + seq.output_token_ids
                 b["history"][i, : len(ids)] = ids
@@ -307,7 +305,6 @@ class ModelRunner:
         for (k_host, v_host), (k, v) in zip(self.swap_space, pages):
             k_host[:, host_blocks] = k[:, : len(host_blocks)]
             v_host[:, host_blocks] = v[:, : len(host_blocks)]
-        self.counters.num_swapped_out += len(pairs)
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (host block, device block) pairs (at least one) back into the KV cache: the
@@ -317,7 +314,6 @@ class ModelRunner:
         pages = tuple((_pad_rows(k[:, host_blocks], len(padded)), _pad_rows(v[:, host_blocks], len(padded)))
                       for k, v in self.swap_space)
         self.kv_cache = _scatter_blocks(self.kv_cache, jnp.asarray(padded), pages)
-        self.counters.num_swapped_in += len(pairs)
 
 
 def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerFlags:
