@@ -9,7 +9,13 @@ and the rest on a background thread; `background_compile=False` compiles every s
 Columns: seconds from process start to a ready `LLM` (imports included), seconds inside
 `LLM(...)`, seconds until a first 32-token greedy request is done, seconds until every step
 shape is ready, and how many executables came from the persistent cache.
-Run `python -m experiments.startup [--model DIR]`; results go to
+
+Then a newcomer's first offline run (issue 19): a fresh process with an empty compilation
+cache makes a default `LLM` of throughput.py's 22M-parameter model and at once generates its
+48 ShareGPT-like requests; once every shape is compiled, the same batch again is the steady
+state. The first run's output tokens/s over the steady state's is the figure (target >= 0.8x),
+in several rounds (medians; the machine is shared).
+Run `python -m experiments.startup [--model DIR] [--rounds N]`; results go to
 experiments/results/startup_<device>.md.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,9 +60,49 @@ def start(model: Path, cache_dir: Path, background: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+FIRST_RUN = """
+import json, sys, time
+from experiments.throughput import CPU
+from experiments.workloads import SHAREGPT, prompt_token_ids, sample_requests
+from paged_jax import LLM, SamplingParams
+requests = sample_requests(SHAREGPT, CPU["requests"], seed=0, max_model_len=CPU["max_model_len"])
+prompts = prompt_token_ids(requests, CPU["model"]["vocab_size"], seed=0)
+inputs = [{"prompt_token_ids": p} for p in prompts]
+params = [SamplingParams(temperature=1.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+tokens = sum(r.output_len for r in requests)
+llm = LLM(sys.argv[1], max_model_len=CPU["max_model_len"])
+def timed():
+    start = time.perf_counter()
+    llm.generate(inputs, params, use_tqdm=False)
+    return tokens / (time.perf_counter() - start)
+first = timed()
+llm.engine.wait_for_compiles()
+print(json.dumps(dict(first=first, steady=timed(), after_warmup=llm.stats()["compiles_after_warmup"])))
+"""
+
+
+def first_runs(rounds: int) -> list[dict]:
+    """Output tokens/s of a cold default LLM's first generate and of the same batch once every
+    shape is compiled, each round in a fresh process with an empty compilation cache."""
+    from experiments.common import random_llama_checkpoint
+    from experiments.throughput import CPU
+
+    runs = []
+    with tempfile.TemporaryDirectory() as model:
+        random_llama_checkpoint(CPU["model"], Path(model), CPU["dtype"])
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PAGED_JAX_CONFIGURE_LOGGING="0")
+                out = subprocess.run([sys.executable, "-c", FIRST_RUN, model], env=env, check=True, capture_output=True,
+                                     text=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--rounds", type=int, default=3, help="first offline runs, each in a fresh process")
     args = parser.parse_args(argv)
     rows, measured = [], {}
     for background in (True, False):
@@ -81,6 +128,21 @@ def main(argv: list[str] | None = None) -> str:
         f"the cold row of `every shape before serving`, {before:.1f} s, "
         f"{before / measured[('cold', True)]['ready']:.1f}x the cold default and "
         f"{before / measured[('warm', True)]['ready']:.0f}x the warm default"
+    )
+    runs = first_runs(args.rounds)
+    ratios = sorted(r["first"] / r["steady"] for r in runs)
+    body += (
+        "\n\n## A newcomer's first offline run\n\n"
+        "throughput.py's 22M-parameter Llama, its 48 ShareGPT-like requests (temperature 1, ignore_eos), a "
+        "default `LLM(model, max_model_len=512)` in a fresh process with an empty compilation cache, "
+        "`generate` at once; then, every shape compiled, the same batch again (steady state).\n\n"
+        + markdown_table(["round", "first run (output tok/s)", "steady state (output tok/s)", "first / steady",
+                          "compiles after warm-up"],
+                         [[i + 1, f"{r['first']:.0f}", f"{r['steady']:.0f}", f"{r['first'] / r['steady']:.2f}x",
+                           r["after_warmup"]] for i, r in enumerate(runs)])
+        + f"\n\n- first run / steady state: median {statistics.median(ratios):.2f}x "
+        f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x; target >= 0.8x, "
+        f"{'met' if statistics.median(ratios) >= 0.8 else 'missed'})"
     )
     report(f"startup_{device_slug()}", "Start-up time, cold and warm", body)
     return body

@@ -107,3 +107,27 @@ def test_start_up_says_what_it_is_doing(checkpoint):
     assert any(line.startswith("ready in") and "from the compilation cache" in line for line in lines)
     stats = llm.stats()
     assert stats["start_up_seconds"] > 0 and stats["executables_built"] >= 3
+
+
+EXIT_EARLY = """
+import json, sys
+from paged_jax import LLM, SamplingParams
+llm = LLM(sys.argv[1], compilation_cache=False, **json.loads(sys.argv[2]))
+llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
+print(llm.stats()["executables_pending"], flush=True)
+"""
+
+
+def test_a_process_that_exits_while_shapes_compile_in_the_background_exits_cleanly(checkpoint):
+    """20 processes, two at a time, each leaving with shapes still queued for the compile
+    thread (the persistent cache off, so they really compile): every one exits with 0 and
+    says nothing on stderr of a crash."""
+    command = [sys.executable, "-c", EXIT_EARLY, str(checkpoint("llama")), json.dumps(SMALL)]
+    results = []
+    for _ in range(10):
+        pair = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results += [(p.returncode, out, err) for p in pair for out, err in [p.communicate(timeout=300)]]
+    crashes = [err[-2000:] for code, _, err in results
+               if code != 0 or any(s in err for s in ("Fatal Python error", "Traceback", "KeyError"))]
+    assert crashes == []
+    assert sum(int(out.split()[-1]) > 0 for _, out, _ in results) >= 15, "most processes left shapes compiling"

@@ -9,9 +9,10 @@ model, again at every start. Two things shorten it:
   when set, else `$XDG_CACHE_HOME/paged_jax/jax` (`~/.cache/...`);
   PAGED_JAX_COMPILATION_CACHE=0 or `EngineArgs(compilation_cache=False)` turn it off.
 - Only the shapes that cover every step (the largest bucket of each kind) are compiled
-  before serving; the others follow on a background thread. Until a shape is ready, the
-  runner pads its step to the smallest ready bucket that fits: slower for a while, never a
-  compile while a request waits.
+  before serving; the others follow on a background thread, smallest first, except that the
+  shape a step wanted and did not find goes next. Until a shape is ready, the runner pads its
+  step to the smallest ready bucket that fits: slower for a while, never a compile while a
+  request waits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
@@ -70,14 +72,18 @@ class Executables:
     """Compiled step functions by key, built on demand or queued for a background thread.
 
     `get` returns a ready executable or None; `build` makes one now (warm-up, or a shape the
-    warm-up set lacks); `queue` hands a list to the background thread, which stops when its
-    owner is garbage collected or the interpreter exits."""
+    warm-up set lacks); `queue` hands tasks to the background thread, one compile at a time
+    (they share the cores with serving), and `want` moves a queued one to the front: the shape
+    a step wanted and did not find is the next one compiled, so that step's successors are
+    padded to a larger shape for one compile at most. The thread stops when its owner is
+    garbage collected or the interpreter exits."""
 
     def __init__(self):
         self._ready: dict[Hashable, Callable] = {}
-        self._lock = threading.Lock()
+        self._queued: OrderedDict[Hashable, Callable[[], Callable]] = OrderedDict()  # next first
+        self._building: Hashable | None = None  # taken off the queue, being compiled
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._queued: set[Hashable] = set()
         self._closed = False
         self.built = 0  # executables built (from the persistent cache or by compiling)
         self.from_cache = 0  # of which loaded from the persistent cache
@@ -89,8 +95,8 @@ class Executables:
         return key in self._ready
 
     def known(self, key: Hashable) -> bool:
-        """Ready, or queued for the background thread."""
-        return key in self._ready or key in self._queued
+        """Ready, queued for the background thread or being built there."""
+        return key in self._ready or key in self._queued or key == self._building
 
     def build(self, key: Hashable, make: Callable[[], Callable]) -> Callable:
         """make() lowers and compiles (or warms a jit cache and returns its callable)."""
@@ -98,59 +104,76 @@ class Executables:
             return self._ready[key]
         hits = getattr(_local, "hits", 0)
         executable = make()
-        with self._lock:
+        with self._changed:
             self.built += 1
             self.from_cache += getattr(_local, "hits", 0) > hits
             self._ready[key] = executable
-            self._queued.discard(key)
+            self._queued.pop(key, None)
         return executable
 
     def queue(self, tasks: list[tuple[Hashable, Callable[[], Callable]]]) -> None:
-        """Build tasks in order on the background thread (after those already queued)."""
-        with self._lock:
-            tasks = [(k, make) for k, make in tasks if k not in self._ready and k not in self._queued]
-            self._queued.update(k for k, _ in tasks)
-            if not tasks:
-                return
-            previous = self._thread
-            self._thread = threading.Thread(target=_work, args=(weakref.ref(self), previous, tasks),
-                                            name="paged-jax-compile", daemon=True)
-            _workers.add(self)
-        self._thread.start()
+        """Build tasks in order on the background thread, after those already queued."""
+        with self._changed:
+            for key, make in tasks:
+                if not self.known(key):
+                    self._queued[key] = make
+            if self._queued and self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=_work, args=(weakref.ref(self),), name="paged-jax-compile",
+                                                daemon=True)
+                _workers.add(self)
+                self._thread.start()
+
+    def want(self, key: Hashable) -> None:
+        """A step wanted key and it is not ready: compile it next, if it is queued."""
+        with self._changed:
+            if key in self._queued:
+                self._queued.move_to_end(key, last=False)
 
     @property
     def pending(self) -> int:
-        return len(self._queued)
+        return len(self._queued) + (self._building is not None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background queue is done; False on timeout."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        return True
+        with self._changed:
+            return self._changed.wait_for(lambda: self._thread is None, timeout)
 
     def close(self) -> None:
         """Stop the background thread after the executable it is building."""
-        self._closed = True
+        with self._changed:
+            self._closed = True
+            self._queued.clear()
         self.wait()
 
+    def _next(self) -> tuple[Hashable, Callable[[], Callable]] | None:
+        """The background thread's next task, or None (and the thread ends) when there is none."""
+        with self._changed:
+            self._building = None
+            if self._closed or not self._queued:
+                self._thread = None
+                self._changed.notify_all()
+                return None
+            key, make = self._queued.popitem(last=False)
+            self._building = key
+            return key, make
 
-def _work(owner_ref: weakref.ref, previous: threading.Thread | None, tasks) -> None:
-    if previous is not None:
-        previous.join()  # one compile at a time: they share the cores with serving
-    start = time.perf_counter()
-    for key, make in tasks:
-        owner = owner_ref()
-        if owner is None or owner._closed:
-            return
+
+def _work(owner_ref: weakref.ref) -> None:
+    start, count = time.perf_counter(), 0
+    while (owner := owner_ref()) is not None and (task := owner._next()) is not None:
+        key, make = task
         try:
             owner.build(key, make)
+            count += 1
         except Exception:  # noqa: BLE001 - the shape stays unready; serving pads to a larger one
-            logger.exception("background compile of %s failed", key)
-            owner._queued.discard(key)
-        del owner
-    logger.info("compiled %d more step shapes in the background in %.1f s", len(tasks), time.perf_counter() - start)
+            # After close (the interpreter is exiting) the result would be thrown away anyway;
+            # a lowering cut across by the exit has been seen to fail inside JAX (KeyError:
+            # Var(...)), which is no error of the engine's and is not reported.
+            if not owner._closed:
+                logger.exception("background compile of %s failed", key)
+        del owner, task, make
+    if (owner := owner_ref()) is not None and not owner._closed:  # at exit, log nothing: the streams may be gone
+        logger.info("compiled %d more step shapes in the background in %.1f s", count, time.perf_counter() - start)
 
 
 @atexit.register

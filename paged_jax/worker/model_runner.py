@@ -97,8 +97,12 @@ class ModelRunner:
 
     def bucket_for(self, num_tokens: int, num_seqs: int, decode: bool, key=lambda bucket: bucket) -> Bucket:
         """The smallest bucket that fits and whose executable (key(bucket)) is ready; the
-        smallest that fits when none is ready (then it compiles now: without warm-up only)."""
+        smallest that fits when none is ready (then it compiles now: without warm-up only).
+        When the smallest that fits is still queued, it is compiled next: the shape a step
+        wants goes before the others."""
         fitting = self._fitting(num_tokens, num_seqs, decode)
+        if key(fitting[0]) not in self.executables:
+            self.executables.want(key(fitting[0]))
         return next((b for b in fitting if key(b) in self.executables), fitting[0])
 
     def executable(self, key):
@@ -192,6 +196,7 @@ class ModelRunner:
         wanted = (fitting[0], num_steps, flags)
         if not self.executables.known(wanted):
             self.executables.queue([self._loop_task(*wanted)])
+        self.executables.want(wanted)
         return 1
 
     def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
