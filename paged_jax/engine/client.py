@@ -39,7 +39,6 @@ class EngineLoad:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of first admissions (prefix-cache queries)
     num_cached_prompt_tokens: int = 0  # of which found in the prefix cache
-    num_unfinished_tokens: int = 0  # tokens of the unfinished sequences: the router's tie-break
 
     @property
     def kv_cache_usage(self) -> float:

@@ -53,9 +53,9 @@ class DataParallelEngine:
     @staticmethod
     def _busyness(engine: LLMEngine) -> tuple[int, int]:
         """(unfinished requests, tokens of their unfinished sequences): the least is the
-        least loaded."""
-        load = engine.load()
-        return load.num_running + load.num_waiting + load.num_swapped, load.num_unfinished_tokens
+        least loaded. Counted here, when a request is routed, not in every step's load()."""
+        tokens = sum(seq.num_tokens for group in engine.groups.values() for seq in group.seqs if not seq.finished)
+        return len(engine.groups), tokens
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | BeamSearchParams | None = None,
                     arrival_time: float | None = None) -> None:

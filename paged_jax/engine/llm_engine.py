@@ -168,8 +168,7 @@ class LLMEngine:
             num_running=len(s.running), num_waiting=len(s.waiting), num_swapped=len(s.swapped),
             num_blocks=self.block_manager.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
             num_preemptions=s.num_preemptions, num_prompt_tokens=s.num_prompt_tokens,
-            num_cached_prompt_tokens=s.num_cached_prompt_tokens,
-            num_unfinished_tokens=sum(q.num_tokens for g in self.groups.values() for q in g.seqs if not q.finished))
+            num_cached_prompt_tokens=s.num_cached_prompt_tokens)
 
     # -- stepping ----------------------------------------------------------------------------
 

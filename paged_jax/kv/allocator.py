@@ -48,9 +48,11 @@ def init_allocator(num_blocks: int) -> AllocatorState:
 
 
 def allocate(state: AllocatorState, n: int) -> tuple[AllocatorState, np.ndarray, bool]:
-    """n new blocks, all or nothing: (state, blocks int32[n], ok); none on failure."""
-    if n > state.num_free:
-        return state, np.zeros(0, np.int32), False
+    """n new blocks, all or nothing: (state, blocks int32[n], ok); none on failure. Asking
+    for none, or handing back none, leaves the state as it is: the block manager asks every
+    step for every growing sequence, and most of them need nothing."""
+    if n == 0 or n > state.num_free:
+        return state, np.zeros(0, np.int32), n == 0
     top = state.num_free - n
     blocks = state.free_stack[top:state.num_free][::-1].copy()  # the top of the stack first
     ref_counts = state.ref_counts.copy()
@@ -62,6 +64,8 @@ def free(state: AllocatorState, blocks) -> AllocatorState:
     """Drop one reference to each block (int32[K]; a block may repeat). Blocks whose count
     reaches zero go back on the stack, each once, in ascending order."""
     blocks = np.asarray(blocks, np.int32)
+    if blocks.size == 0:
+        return state
     ref_counts = state.ref_counts.copy()
     np.subtract.at(ref_counts, blocks, 1)
     released = np.unique(blocks[ref_counts[blocks] == 0])
@@ -72,8 +76,11 @@ def free(state: AllocatorState, blocks) -> AllocatorState:
 
 def fork(state: AllocatorState, blocks) -> AllocatorState:
     """One more reference to each block (int32[K]; a block may repeat): a second table shares it."""
+    blocks = np.asarray(blocks, np.int32)
+    if blocks.size == 0:
+        return state
     ref_counts = state.ref_counts.copy()
-    np.add.at(ref_counts, np.asarray(blocks, np.int32), 1)
+    np.add.at(ref_counts, blocks, 1)
     return AllocatorState(state.free_stack, state.num_free, ref_counts)
 
 

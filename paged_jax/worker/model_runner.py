@@ -190,7 +190,7 @@ class ModelRunner:
         """num_steps when the decode loop this batch needs is ready (or the plain-sampling one,
         always in the warm-up set); else 1, and the loop variant it lacks (top-k/p, logprobs)
         is queued for the compile thread, so a rare variant never waits for a compiler."""
-        flags, fitting = _loop_flags(rows), self._fitting(0, len(out.chunks), True)
+        flags, fitting = _loop_flags(_sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
         if not self.warmed_up or flags == LOOP_FLAGS or any((b, num_steps, flags) in self.executables for b in fitting):
             return num_steps
         wanted = (fitting[0], num_steps, flags)
@@ -220,7 +220,7 @@ class ModelRunner:
         flags = _sampler_flags(rows) if rows else None
         if num_steps > 1:
             assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
-            flags = _loop_flags(rows)
+            flags = _loop_flags(flags)
             bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, num_steps, flags))
         else:
             bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
@@ -340,10 +340,10 @@ def make_decode_loop(module, block_size: int):
                    donate_argnums=(3,))
 
 
-def _loop_flags(rows: list[SamplerRow]) -> SamplerFlags:
-    """The decode loop's sampler variant: greedy rows are handled by a sampling loop too, one
-    compiled variant fewer."""
-    return _sampler_flags(rows)._replace(sample=True)
+def _loop_flags(flags: SamplerFlags) -> SamplerFlags:
+    """The decode loop's sampler variant for a step's flags: greedy rows are handled by a
+    sampling loop too, one compiled variant fewer."""
+    return flags._replace(sample=True)
 
 
 def _decode_loop(module, block_size, params, tokens, positions, kv_cache, meta: AttentionMetadata,
