@@ -3,23 +3,30 @@ with Poisson arrivals at several rates, sent by an async HTTP client to a runnin
 OpenAI-compatible server, streamed; request throughput, output tokens/s, and TTFT, TPOT, ITL
 and end-to-end latency (mean, median, p99) per rate.
 
-The same workload runs against our server (`python -m paged_jax.server.serve`) and Hugging Face's
-own (`transformers serve --continuous-batching`), each started here on the same model,
-context and machine. Both stay up and take turns, rate by rate, the first to go alternating:
-the machine's load drifts, and one system measured wholly after the other would carry the
-drift. The idle server's CPU seconds during the other's turn are recorded (`idle_cpu_s`): it
-must stay near zero, or the turns would share the cores.
-Both generate every request's full output length: ignore_eos for ours, an unreachable
-eos_token_id (`generation_config`) for transformers; the client checks the token counts.
+The same workload runs against our server (`python -m paged_jax.server.serve`), vLLM's own
+(`vllm.entrypoints.openai.api_server`, from vLLM's CPU build in its own virtual environment,
+`.venv-vllm`; see experiments/vllm_offline.py for how it is made) and Hugging Face's
+(`transformers serve --continuous-batching`), each started here on the same model, context
+and machine. All stay up and take turns, rate by rate, the order rotating: the machine's load
+drifts, and one system measured wholly after another would carry the drift. The idle
+servers' CPU seconds during another's turn are recorded (`idle_cpu_s`): they must stay near
+zero, or the turns would share the cores. Each server computes in its own default dtype
+unless `--dtype` is given (vLLM's default on this CPU is bfloat16 for a bfloat16 checkpoint,
+ours float32), so a run with `--dtype float32` is the row where both compute alike.
+Every system generates every request's full output length: ignore_eos for ours and vLLM's,
+an unreachable eos_token_id (`generation_config`) for transformers; the client checks the
+token counts.
 
-    python -m experiments.serving_bench                       # both servers, default rates
+    python -m experiments.serving_bench --systems paged-jax vllm --dataset random --rates 8 16 32 64
     python -m experiments.serving_bench --systems paged-jax --rates 4 --num-prompts 20
     python -m experiments.serving_bench --base-url http://127.0.0.1:8000 --name mine   # a server already up
 
 Prompts are slices of Python standard-library source (what the embedded model knows), cut to
 the workload's prompt lengths in the model's own tokens. Metrics follow vLLM's definitions:
 TTFT = first text chunk - send; TPOT = (latency - TTFT) / (output tokens - 1); ITL = the gaps
-between a request's chunks; duration = first send to last finish.
+between a request's chunks; duration = first send to last finish. `--dataset random` is
+`vllm bench serve --dataset-name random`'s trace: every prompt --input-len tokens, every
+output --output-len.
 """
 
 from __future__ import annotations
@@ -43,11 +50,12 @@ import httpx
 import numpy as np
 
 from experiments.common import device_kind, device_slug, markdown_table, new_figure, publish
-from experiments.workloads import SHAREGPT, arrival_times, describe, sample_requests
+from experiments.workloads import SHAREGPT, arrival_times, describe, random_requests, sample_requests
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "stdlib-llama"
-SYSTEMS = ("paged-jax", "transformers")
+SYSTEMS = ("paged-jax", "vllm", "transformers")
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 DEFAULT_RATES = (2.0, 4.0, 8.0, 16.0)
 START_TIMEOUT = 900
 REQUEST_TIMEOUT = 600
@@ -91,14 +99,19 @@ def stdlib_corpus() -> str:
                                                       logging, pathlib, s, sp, textwrap, typing, unittest.case))
 
 
-def make_prompts(model: str, num: int, max_model_len: int, seed: int) -> tuple[list[tuple[str, int, int]], str]:
+def make_prompts(model: str, num: int, max_model_len: int, seed: int,
+                 fixed: tuple[int, int] | None = None) -> tuple[list[tuple[str, int, int]], str]:
     """[(prompt text, prompt tokens, max_tokens)] with ShareGPT's length distribution (scaled
-    to max_model_len), and the workload's description."""
+    to max_model_len), or every prompt and output of the `fixed` (input, output) lengths; and
+    the workload's description."""
     from paged_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(model)
     corpus = tokenizer.encode(stdlib_corpus(), add_special_tokens=False)
-    requests = sample_requests(SHAREGPT, num, max_model_len=max_model_len, seed=seed)
+    if fixed:
+        requests = random_requests(num, *fixed, seed=seed)
+    else:
+        requests = sample_requests(SHAREGPT, num, max_model_len=max_model_len, seed=seed)
     rng = np.random.default_rng(seed)
     prompts = []
     for r in requests:
@@ -106,6 +119,8 @@ def make_prompts(model: str, num: int, max_model_len: int, seed: int) -> tuple[l
         text = tokenizer.decode(corpus[start:start + r.prompt_len])
         length = len(tokenizer.encode(text))  # as the servers count it (decoding can merge tokens)
         prompts.append((text, length, max(1, min(r.output_len, max_model_len - length - 1))))
+    if fixed:
+        return prompts, f"random: {num} requests, {fixed[0]} prompt tokens and {fixed[1]} output tokens each"
     return prompts, describe(SHAREGPT, requests, max_model_len)
 
 
@@ -215,6 +230,10 @@ def server_command(system: str, model: str, max_model_len: int, dtype: str, port
         return [sys.executable, "-m", "paged_jax.server.serve", model, "--host", "127.0.0.1", "--port", str(port),
                 "--max-model-len", str(max_model_len), "--dtype", dtype, "--uvicorn-log-level", "warning",
                 *PAGED_JAX_FLAGS, *extra]
+    if system == "vllm":
+        return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+                "--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype,
+                "--uvicorn-log-level", "warning"]
     transformers = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
     return [transformers, "serve", model, "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
             "--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype, "--log-level", "warning"]
@@ -234,7 +253,7 @@ class Server:
         start = time.perf_counter()
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(self.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4"))
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -267,8 +286,11 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def warm(url: str, system: str, model_name: str, prompts, seed: int) -> None:
-    """Warm-up as vLLM's benchmark does it (a test request), four at once: not measured."""
-    asyncio.run(run_rate(url, system, model_name, prompts[:4], float("inf"), seed))
+    """Warm-up, not measured: one request (vLLM's benchmark sends a test request), then 32 at
+    once, so that each server has seen the batch sizes the rates bring (a server that builds
+    its kernels or graphs for a shape the first time it meets it pays for it here)."""
+    asyncio.run(run_rate(url, system, model_name, prompts[:1], float("inf"), seed))
+    asyncio.run(run_rate(url, system, model_name, prompts[:32], float("inf"), seed))
 
 
 def bench_rate(url: str, system: str, model_name: str, prompts, rate: float, seed: int) -> dict:
@@ -313,16 +335,22 @@ def table(data: dict) -> str:
 
 
 def comparison(data: dict) -> list[str]:
-    ours, theirs = (data["systems"].get(s, {}).get("rates") for s in SYSTEMS)
-    if not ours or not theirs:
-        return []
-    lines = ["Ours against `transformers serve --continuous-batching`, rate by rate:", ""]
-    for a, b in zip(ours, theirs):
-        lines.append(f"- rate {a['rate']:g} req/s: median TTFT {a['ttft_ms']['median']:.0f} ms vs "
-                     f"{b['ttft_ms']['median']:.0f} ms "
-                     f"({_ratio(a['ttft_ms']['median'], b['ttft_ms']['median'], 'lower')}), "
-                     f"output {a['output_throughput']:.0f} vs {b['output_throughput']:.0f} tok/s "
-                     f"({_ratio(b['output_throughput'], a['output_throughput'], 'higher')})")
+    ours = data["systems"].get("paged-jax", {}).get("rates")
+    lines = []
+    for peer in SYSTEMS[1:]:
+        theirs = data["systems"].get(peer, {}).get("rates")
+        if not ours or not theirs:
+            continue
+        lines += [f"Ours against {peer}, rate by rate:", ""]
+        for a, b in zip(ours, theirs):
+            lines.append(
+                f"- rate {a['rate']:g} req/s: output {a['output_throughput']:.0f} vs {b['output_throughput']:.0f} "
+                f"tok/s ({_ratio(b['output_throughput'], a['output_throughput'], 'higher')}); median TTFT "
+                f"{a['ttft_ms']['median']:.1f} vs {b['ttft_ms']['median']:.1f} ms "
+                f"({_ratio(a['ttft_ms']['median'], b['ttft_ms']['median'], 'lower')}); median ITL "
+                f"{a['itl_ms']['median']:.1f} vs {b['itl_ms']['median']:.1f} ms "
+                f"({_ratio(a['itl_ms']['median'], b['itl_ms']['median'], 'lower')})")
+        lines.append("")
     return lines
 
 
@@ -363,17 +391,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="server", help="the system's name with --base-url")
     parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES))
     parser.add_argument("--num-prompts", type=int, default=60)
+    parser.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
+    parser.add_argument("--input-len", type=int, default=100, help="prompt tokens with --dataset random")
+    parser.add_argument("--output-len", type=int, default=100, help="output tokens with --dataset random")
     parser.add_argument("--max-model-len", type=int, default=256)
-    # float32: the embedded checkpoint is bfloat16, which XLA emulates on a CPU (no native bf16
-    # matmul), far slower than float32; both servers get the same dtype.
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="every server's dtype (auto: each its own default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="more flags for our server (last on the line), e.g. --num-scheduler-steps 4")
     parser.add_argument("--output", default=None, help="results/<name>.md (default serving_<device>)")
     args = parser.parse_args(argv)
 
-    prompts, workload = make_prompts(args.model, args.num_prompts, args.max_model_len, args.seed)
+    fixed = (args.input_len, args.output_len) if args.dataset == "random" else None
+    prompts, workload = make_prompts(args.model, args.num_prompts, args.max_model_len, args.seed, fixed)
     model_name = args.model
     data = {"machine": device_kind(), "date": time.strftime("%Y-%m-%d"), "model_name": Path(args.model).name,
             "workload": (f"Model `{Path(args.model).name}` ({args.dtype}), context {args.max_model_len}; {workload}; "
@@ -385,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
         data["systems"][args.name] = {"command": ["(already running)", args.base_url], "startup_seconds": 0.0,
                                       "rates": [bench_rate(args.base_url, "paged-jax", model_name, prompts, rate,
                                                            args.seed) for rate in args.rates]}
-    # Both servers stay up and take turns, rate by rate (the first to go alternates): the
-    # machine's load drifts, and one system measured after the other would carry the drift.
+    # The servers stay up and take turns, rate by rate (the first to go rotates): the machine's
+    # load drifts, and one system measured after the other would carry the drift.
     with contextlib.ExitStack() as stack:
         servers = {}
         for system in ([] if args.base_url else args.systems):
@@ -396,22 +426,24 @@ def main(argv: list[str] | None = None) -> dict:
                 server = stack.enter_context(Server(system, args.model, args.max_model_len, args.dtype, log, extra))
                 warm(server.url, system, model_name, prompts, args.seed)
                 servers[system] = server
-                data["systems"][system] = {"command": ["python" if system == "paged-jax" else "transformers",
-                                                       *server.command[1:]],
+                program = {"paged-jax": "python", "vllm": ".venv-vllm/bin/python"}.get(system, "transformers")
+                data["systems"][system] = {"command": [program, *server.command[1:]],
                                            "startup_seconds": server.startup_seconds, "rates": []}
             except (RuntimeError, OSError) as error:
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
                 data["systems"][system] = {"error": f"{error} {' | '.join(tail)}"[:600]}
                 print(f"{system}: {data['systems'][system]['error']}", file=sys.stderr)
         for i, rate in enumerate(args.rates):
-            for system in list(servers)[:: 1 if i % 2 == 0 else -1]:
+            order = list(servers)
+            for system in order[i % len(order):] + order[:i % len(order)]:
                 others = [servers[o].process.pid for o in servers if o != system]
                 before = sum(map(_cpu_seconds, others))
                 row = bench_rate(servers[system].url, system, model_name, prompts, rate, args.seed)
                 row["idle_cpu_s"] = round(sum(map(_cpu_seconds, others)) - before, 2)
                 data["systems"][system]["rates"].append(row)
     name = args.output or f"serving_{device_slug()}"
-    publish(name, "Online serving: our OpenAI server against `transformers serve`", table(data), data, plot(data))
+    publish(name, "Online serving: our OpenAI server against vLLM's and `transformers serve`", table(data), data,
+            plot(data))
     return data
 
 

@@ -4,21 +4,22 @@ replayed in pieces on the same machine, and set beside the matmul roofline of th
 Recording wraps the runner's executable lookup (`ModelRunner.executable`, no change to the
 engine): each call's executable and arguments (the KV cache aside). Replaying each call times:
 
-- `device`: the call itself (a forward pass, or a decode loop of k steps with its sampler);
+- `device`: the call itself (a forward pass, or a step of a decode loop with its sampler);
 - the same call on the same model with attention returning zeros (KV writes kept): the
   difference is attention, the paged gather included;
 - `matmuls`: the model's matrix products alone (QKV, output, MLP, LM head) at the bucket's
-  token count, k times for a loop;
+  token count;
 - `matmuls, real tokens`: the same at the call's real token count: the difference is the cost
   of bucket padding, and the sum is the roofline, the time the run's arithmetic needs at
   this machine's matmul speed with nothing else (the schedule's batch sizes kept);
-- `sampler`: the jitted sampler at the call's rows (inside the loop for a decode loop, a
-  separate call after a single step).
+- `sampler`: the jitted sampler at the call's rows (inside a decode loop's step, a separate
+  call after a forward pass).
 What is left of a call (norms, RoPE, embedding, KV writes) is its null-attention time less
 its matmuls and sampler. The pieces of one call are timed back to back, so they share the
 machine's load of the moment; they split the run's device time in their proportions. The
 host's share (scheduling, input preparation, detokenisation, device-to-host transfers) is the
-engine's own measure: the step time it did not spend waiting for the device.
+engine's own measure: the step time it did not spend waiting for the device (in a decode
+loop, part of it runs while the device computes the next step, so this is an upper bound).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from experiments.common import time_call
 from paged_jax.model import CausalLM, Model, make_forward
 from paged_jax.model.cache import init_kv_cache
-from paged_jax.worker.model_runner import Bucket, ModelRunner, make_decode_loop
+from paged_jax.worker.model_runner import Bucket, ModelRunner, make_decode_step
 from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
 
 SAMPLING = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # the benchmark's temperature 1
@@ -42,29 +43,44 @@ SAMPLING = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)
 
 @dataclasses.dataclass
 class Call:
-    key: object  # Bucket (one forward step) or (Bucket, steps, flags) (a decode loop)
-    args: tuple  # the executable's arguments with the KV cache (position 3) left out
+    key: object  # Bucket (one forward step) or (Bucket, flags) (a step of a decode loop)
+    args: tuple  # the executable's arguments with the KV cache left out (on the host)
+
+    @property
+    def forward(self) -> bool:
+        return isinstance(self.key, Bucket)
 
     @property
     def bucket(self) -> Bucket:
-        return self.key if isinstance(self.key, Bucket) else self.key[0]
+        return self.key if self.forward else self.key[0]
 
     @property
-    def steps(self) -> int:
-        return 1 if isinstance(self.key, Bucket) else self.key[1]
+    def cache_position(self) -> int:
+        """Where the KV cache goes in the arguments: forward(params, tokens, positions, cache,
+        meta), decode_step(params, state, cache, meta, batch, limit)."""
+        return 3 if self.forward else 2
+
+    def with_cache(self, cache) -> tuple:
+        i = self.cache_position
+        return self.args[:i] + (cache,) + self.args[i:]
+
+    @property
+    def meta(self):
+        return self.args[self.cache_position]
 
     @property
     def real_tokens(self) -> int:
-        return int(self.args[3].cu_q_lens[-1])
+        return int(self.meta.cu_q_lens[-1])
 
     @property
     def real_seqs(self) -> int:
-        return int(np.count_nonzero(np.diff(np.asarray(self.args[3].cu_q_lens))))
+        return int(np.count_nonzero(np.diff(np.asarray(self.meta.cu_q_lens))))
 
 
 @contextmanager
 def recording(runner: ModelRunner):
-    """Record runner's device calls while the block runs; yields the list they land in."""
+    """Record runner's device calls while the block runs; yields the list they land in. A
+    decode step's state is read to the host before the call (the call donates it)."""
     calls: list[Call] = []
     executable_for = runner.executable
 
@@ -72,7 +88,10 @@ def recording(runner: ModelRunner):
         executable = executable_for(key)
 
         def call(*args):
-            calls.append(Call(key, args[:3] + args[4:]))
+            recorded_call = Call(key, ())
+            i = recorded_call.cache_position
+            recorded_call.args = args[:1] + jax.device_get(args[1:i]) + args[i + 1:]
+            calls.append(recorded_call)
             return executable(*args)
 
         return call
@@ -104,19 +123,19 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
     null_backend = dataclasses.replace(model.module.backend, name="none",
                                        ragged_paged_attention=lambda q, *args, **kwargs: jnp.zeros_like(q))
     null_module = CausalLM(model.config, null_backend, param_dtype=model.dtype)
-    real = dict(forward=model.forward, loop=runner.decode_loop)
-    null = dict(forward=make_forward(null_module, model.mesh), loop=make_decode_loop(null_module, runner.block_size))
+    real = dict(forward=model.forward, step=runner.decode_step)
+    null = dict(forward=make_forward(null_module, model.mesh), step=make_decode_step(null_module, runner.block_size))
     matmuls = jax.jit(_matmuls, static_argnums=2)
     state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.dtype,
                                    model.mesh)}
 
     def call_time(functions, call: Call) -> float:
         def run():
-            args = call.args[:3] + (state["cache"],) + call.args[3:]
-            if isinstance(call.key, Bucket):
+            args = call.with_cache(state["cache"])
+            if call.forward:
                 out, state["cache"] = functions["forward"](*args)
             else:
-                out, state["cache"] = functions["loop"](*args, num_steps=call.key[1], flags=call.key[2])
+                out, _, state["cache"] = functions["step"](*args, flags=call.key[1])
             return out
         return time_call(run, repeats=repeats)
 
@@ -147,17 +166,17 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
 
     totals = Counter()
     for call in calls:
-        bucket, steps = call.bucket, call.steps
+        bucket = call.bucket
         device, without_attention = call_time(real, call), call_time(null, call)
-        sampler = steps * sampler_time(bucket.num_seqs)
-        if isinstance(call.key, Bucket):  # the sampler ran as its own call after the step
+        sampler = sampler_time(bucket.num_seqs)
+        if call.forward:  # the sampler ran as its own call after the step
             device, without_attention = device + sampler, without_attention + sampler
         totals["device"] += device
         totals["attention"] += device - without_attention
         totals["sampler"] += sampler
         padded, unpadded = matmul_times((bucket.num_tokens, bucket.num_seqs), (call.real_tokens, call.real_seqs))
-        totals["matmuls_bucket"] += steps * padded
-        totals["matmuls_real"] += steps * unpadded
+        totals["matmuls_bucket"] += padded
+        totals["matmuls_real"] += unpadded
         totals["without_attention"] += without_attention
     scale = wall_seconds * (1 - host_share) / totals["device"]  # replayed seconds -> the run's device seconds
     return dict(
@@ -169,9 +188,8 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
         sampler=scale * totals["sampler"],
         host=wall_seconds * host_share,
         device_calls=len(calls),
-        device_steps=sum(c.steps for c in calls),
-        real_tokens=sum(c.real_tokens * c.steps for c in calls),
-        bucket_tokens=sum(c.bucket.num_tokens * c.steps for c in calls),
+        real_tokens=sum(c.real_tokens for c in calls),
+        bucket_tokens=sum(c.bucket.num_tokens for c in calls),
     )
 
 

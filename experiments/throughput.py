@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> str:
         f"(target >= 50%)"
         + f"\n- paged-jax warm-up (every step shape compiled before the runs, not counted above): "
         f"{ours.warm_up:.1f} s"
-        + f"\n- {p['device_calls']} device calls, {p['device_steps']} model steps, {p['real_tokens']} tokens "
+        + f"\n- {p['device_calls']} device calls (model steps), {p['real_tokens']} tokens "
         f"computed in {p['bucket_tokens']} bucket slots; preemptions {stats['num_preemptions']}, "
         f"compiles after warm-up {stats['compiles_after_warmup']}"
         + "\n\nWhere the last run's time goes (its device calls replayed piece by piece, "

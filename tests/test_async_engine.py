@@ -55,6 +55,19 @@ def test_concurrent_clients_get_the_offline_outputs_and_share_steps(engine, refe
     assert engine.latest_load.num_free_blocks == engine.latest_load.num_blocks
 
 
+def test_a_stream_gets_a_token_per_step_inside_a_decode_loop(llama_with_tokenizer, reference):
+    llm = LLM(str(llama_with_tokenizer), **SETTINGS, num_scheduler_steps=8)
+    published = []  # every output the engine thread publishes, as it publishes it
+    engine = AsyncLLMEngine(llm.engine, on_output=lambda o: published.append(len(o.outputs[0].token_ids)))
+    try:
+        outputs = run(collect(engine, PROMPTS[0], GREEDY, "s"))
+    finally:
+        engine.shutdown()
+    assert outputs[-1].outputs[0].text == reference[0]
+    assert max(r.num_steps for r in llm.engine.step_log) > 1  # decode loops ran
+    assert published == list(range(1, 13))
+
+
 def test_without_its_thread_the_owner_drives_the_engine_by_run_iteration(llama_with_tokenizer, reference):
     engine = AsyncLLMEngine(LLM(str(llama_with_tokenizer), **SETTINGS).engine, start_engine_loop=False)
 
@@ -132,11 +145,11 @@ def test_a_step_that_raises_fails_its_requests_and_the_loop_carries_on(engine, r
     step = engine.engine.step
     calls = {"n": 0}
 
-    def failing_step():
+    def failing_step(on_tokens=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected fault")
-        return step()
+        return step(on_tokens)
 
     engine.engine.step = failing_step
 

@@ -199,3 +199,27 @@ def test_multi_step_decode_gives_the_same_tokens_as_single_steps(checkpoint, rng
     assert [len(t) for t, _ in runs[4][:3]] == [13, 9, 17]
     reference = load_reference(path)
     assert runs[4][0][0] == hf_greedy(reference, prompts[0], 13)
+
+
+def test_a_decode_loop_shows_each_step_to_a_listener_which_may_end_it_early(checkpoint, rng):
+    path = checkpoint("llama")
+    [prompt] = random_prompts(rng, [9])
+    llm = make_llm(path, num_scheduler_steps=8)
+    engine = llm.engine
+    engine.add_request("a", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()  # the prompt, and the first token
+    seen = []
+
+    def listener(outputs):
+        seen.append([len(o.outputs[0].token_ids) for o in outputs])
+        return len(seen) < 3  # ends the loop after the step in flight
+
+    engine.step(listener)
+    assert seen == [[2], [3], [4], [5]]  # a token per step, running requests only; the 4th was in flight
+    assert engine.step_log[-1].num_steps == 4
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step(lambda outputs: True) if o.finished]
+    assert [r.num_steps for r in engine.step_log[2:]] == [8, 7]  # 15 tokens left: no step past max_tokens
+    assert finished[0].outputs[0].token_ids == hf_greedy(load_reference(path), prompt, 20)
+    assert_all_blocks_free(llm)

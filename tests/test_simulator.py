@@ -60,9 +60,9 @@ def test_the_simulator_is_the_engine_with_the_cost_model():
         engine.step()
     first, *rest = engine.step_log
     assert first.num_tokens == 100 and first.seconds == pytest.approx(A100_OPT13B.seconds(100, 100))
-    # 19 more tokens after the prompt's: a loop runs all its steps (the device computes the
-    # tokens past max_tokens and the engine drops them), so the clock charges them too.
-    assert [r.num_steps for r in rest] == [8, 8, 8]
+    # 19 more tokens after the prompt's: loops of 8 and the 3 left (no loop runs past the
+    # longest max_tokens left); the clock charges every step.
+    assert [r.num_steps for r in rest] == [8, 8, 3]
     assert sum(r.seconds for r in rest) == pytest.approx(sum(A100_OPT13B.step_seconds(r) for r in rest))
 
 
@@ -97,7 +97,7 @@ def test_preempted_requests_are_recomputed_and_finish_whole():
 def test_a_decode_loop_stops_at_max_tokens():
     engine = simulated(EngineArgs(model="-", **{**ARGS, "num_scheduler_steps": 8}))
     assert run(engine, {"a": (5, SamplingParams(max_tokens=11, ignore_eos=True))}) == {"a": [11]}
-    assert [r.num_steps for r in engine.step_log] == [1, 8, 8]  # the prompt samples the first token
+    assert [r.num_steps for r in engine.step_log] == [1, 8, 2]  # the prompt samples the first token
 
 
 def test_beams_fork_and_free_on_made_up_scores():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -298,7 +299,7 @@ class AsyncLLMEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(self._stream_tokens)
         except Exception as error:
             logger.exception("engine step failed; failing the requests it held")
             failure = RequestFailedError(f"the engine step failed: {type(error).__name__}: {error}")
@@ -316,6 +317,21 @@ class AsyncLLMEngine:
             if output.finished:
                 del self._streams[output.request_id]
             self._deliver(stream, stream.put, output)
+
+    def _stream_tokens(self, outputs: list[RequestOutput]) -> bool:
+        """Within a decode loop, after each step: the running requests' tokens go out now, not
+        at the loop's end, so a stream gets a token per step. None has finished (those come
+        with the step's outputs). Sent at once rather than through the outbox: a
+        data-parallel front calls this from one thread per engine. The loop goes on unless a
+        client has sent something (a new request is then admitted without waiting for it)."""
+        for output in outputs:
+            if self.on_output is not None:
+                self.on_output(output)
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                with contextlib.suppress(RuntimeError):  # the client's event loop is closed
+                    stream.loop.call_soon_threadsafe(stream.put, output)
+        return not self._commands.queue
 
     def _fail(self, stream: RequestStream, error: BaseException) -> None:
         self._deliver(stream, stream.fail, error)

@@ -11,6 +11,7 @@ are several.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from paged_jax.engine_args import EngineArgs
 
 PromptType = str | dict  # text, or {"prompt_token_ids": [...], "prompt": optional text}
+# Called within a step (a decode loop) with the running requests' outputs after each of its
+# steps but the last; False ends the loop after the step in flight (see LLMEngine.step).
+TokenListener = Callable[[list[RequestOutput]], bool]
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,9 @@ class EngineClient(Protocol):
         """Stop a request and free its blocks; its last output (finish_reason "abort"), or
         None for an id the engine does not hold."""
 
-    def step(self) -> list[RequestOutput]:
-        """One step: the outputs of the requests that made progress."""
+    def step(self, on_tokens: TokenListener | None = None) -> list[RequestOutput]:
+        """One step: the outputs of the requests that made progress; on_tokens sees a decode
+        loop's tokens step by step (may be called from several threads at once)."""
 
     def has_unfinished_requests(self) -> bool: ...
 

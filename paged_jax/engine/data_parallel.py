@@ -18,7 +18,7 @@ import jax
 
 from paged_jax.beam_search import BeamSearchParams
 from paged_jax.core.kv_snapshot import KVSnapshot
-from paged_jax.engine.client import EngineClient, EngineLoad, PromptType
+from paged_jax.engine.client import EngineClient, EngineLoad, PromptType, TokenListener
 from paged_jax.engine.llm_engine import LLMEngine
 from paged_jax.engine_args import EngineArgs
 from paged_jax.model import sharding
@@ -71,10 +71,10 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_tokens: TokenListener | None = None) -> list[RequestOutput]:
         """One step of every engine with work, concurrently; their outputs together."""
         busy = [e for e in self.engines if e.has_unfinished_requests()]
-        return [o for result in self._threads.map(LLMEngine.step, busy) for o in result]
+        return [o for result in self._threads.map(lambda e: e.step(on_tokens), busy) for o in result]
 
     def stats(self) -> dict:
         per_engine = [e.stats() for e in self.engines]

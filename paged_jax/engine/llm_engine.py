@@ -30,7 +30,7 @@ from paged_jax.core.forks import beam_request, continue_beams, fork_siblings
 from paged_jax.core.kv_snapshot import KVSnapshot, take_snapshot
 from paged_jax.core.scheduler import SamplerRow, Scheduler, SchedulerConfig, SchedulerOutput
 from paged_jax.core.step_record import StepRecord
-from paged_jax.engine.client import EngineLoad, PromptType
+from paged_jax.engine.client import EngineLoad, PromptType, TokenListener
 from paged_jax.engine_args import EngineArgs
 from paged_jax.kv import make_block_manager
 from paged_jax.logger import configure as configure_logging
@@ -172,35 +172,51 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one step; outputs of the requests that made progress (finished ones last seen)."""
+    def step(self, on_tokens: TokenListener | None = None) -> list[RequestOutput]:
+        """Run one step; outputs of the requests that made progress (finished ones last seen).
+        In a decode loop, on_tokens(outputs) is called after each of its steps but the last,
+        with the outputs of the requests still running: tokens as they are made, for
+        streaming. Returning False ends the loop after the step in flight (say, because new
+        requests wait to be scheduled)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
         rows = out.sampler_rows()
         num_steps, limits = self._decode_steps(out, rows)
         self._record_sharing()
         scheduled = time.time()
-        executed = self.executor.execute(out, rows, num_steps, limits)
-        results = executed.sampled
-        now = time.time()
-        touched: dict[str, SequenceGroup] = {}
-        for i, chunk in enumerate(out.chunks):
-            # A decode loop writes K/V up to each row's limit (tokens past it are dropped).
-            chunk.seq.num_computed_tokens = min(limits[i], chunk.num_cached + num_steps) if limits \
-                else chunk.num_cached + chunk.num_new
+        for chunk in out.chunks:
             chunk.group.metrics.first_scheduled_time = chunk.group.metrics.first_scheduled_time or scheduled
-        fork_siblings(rows, self.block_manager)
+        touched: dict[str, SequenceGroup] = {}
         beams: dict[str, list] = {}
-        for (_, chunk, seq), sampled in zip(rows, results):
-            group = chunk.group
-            touched[group.request_id] = group
-            if group.beam:
-                beams.setdefault(group.request_id, []).append((seq, sampled[0]))
-                continue
-            for result in sampled:
-                if seq.finished:  # a multi-step loop ran past this sequence's stop: drop the rest
-                    break
-                self._append(seq, group, result, now)
+
+        def computed(steps: int) -> None:
+            # A decode loop writes K/V up to each row's limit (tokens past it are dropped).
+            for i, chunk in enumerate(out.chunks):
+                chunk.seq.num_computed_tokens = min(limits[i], chunk.num_cached + steps) if limits \
+                    else chunk.num_cached + chunk.num_new
+
+        def on_step(i: int, sampled: list[Sampled]) -> bool:
+            """Step i's tokens, while step i + 1 (of a decode loop) computes."""
+            now = time.time()
+            computed(i + 1)
+            if i == 0:
+                fork_siblings(rows, self.block_manager)
+            for (_, chunk, seq), result in zip(rows, sampled):
+                group = chunk.group
+                touched[group.request_id] = group
+                if group.beam:
+                    beams.setdefault(group.request_id, []).append((seq, result))
+                elif not seq.finished:  # a decode loop ran past this sequence's stop: drop the rest
+                    self._append(seq, group, result, now)
+            running = [g for g in touched.values() if not g.finished]
+            if not running:  # every sequence of the loop has stopped: no step is worth running
+                return False
+            return on_tokens([g.output() for g in running]) if on_tokens and i + 1 < num_steps else True
+
+        executed = self.executor.execute(out, rows, num_steps, limits, on_step)
+        num_steps = max(map(len, executed.sampled), default=1)  # the steps it ran
+        computed(num_steps)
+        now = time.time()
         for request_id, choices in beams.items():
             group = self.groups[request_id]
             assert len(choices) == len(group.active), "the beams of a group sample together"
@@ -252,10 +268,10 @@ class LLMEngine:
 
     def _decode_steps(self, out: SchedulerOutput, rows: list[SamplerRow]) -> tuple[int, list[int] | None]:
         """How many decode steps the device may run in one loop, and how many tokens each
-        sequence's blocks must hold for it: num_scheduler_steps when only decodes run, none
-        needs penalties or min_tokens (their inputs change every token), the executor has the
-        loop ready and the blocks for the extra tokens (never past max_tokens) can be had;
-        else one step."""
+        sequence's blocks must hold for it: up to num_scheduler_steps (no more than the
+        longest max_tokens left) when only decodes run, none needs penalties or min_tokens
+        (their inputs change every token), the executor has the loop ready and the blocks for
+        the extra tokens (never past max_tokens) can be had; else one step."""
         steps = self.args.num_scheduler_steps
         if steps == 1 or not out.chunks or not out.decode_only or out.swap_in or out.swap_out:
             return 1, None
@@ -269,7 +285,8 @@ class LLMEngine:
             return 1, None
         limits = [c.seq.num_computed_tokens + min(steps, c.group.params.max_tokens - len(c.seq.output_token_ids))
                   for c in out.chunks]
-        if not self.block_manager.grow([(c.seq, limit) for c, limit in zip(out.chunks, limits)]):
+        steps = max(limit - c.seq.num_computed_tokens for c, limit in zip(out.chunks, limits))  # none runs past
+        if steps == 1 or not self.block_manager.grow([(c.seq, limit) for c, limit in zip(out.chunks, limits)]):
             return 1, None
         assert not self.block_manager.pending_copies, "the scheduler made the written blocks private"
         return steps, limits

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from paged_jax.beam_search import BeamSearchParams
 from paged_jax.core.kv_snapshot import KVSnapshot
-from paged_jax.engine.client import EngineClient, EngineLoad, PromptType
+from paged_jax.engine.client import EngineClient, EngineLoad, PromptType, TokenListener
 from paged_jax.outputs import RequestOutput
 from paged_jax.sampling_params import SamplingParams
 
@@ -68,10 +68,12 @@ class Leader:
             self._changes.append(("abort", request_id))
         return output
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_tokens: TokenListener | None = None) -> list[RequestOutput]:
+        """A step on every process. A decode loop streams here but always runs to its end:
+        the followers step without a listener, and every process must run the same steps."""
         with self._lock:
             self._send([("step",)])
-            return self.engine.step()
+            return self.engine.step(on_tokens and (lambda outputs: on_tokens(outputs) or True))
 
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished_requests()

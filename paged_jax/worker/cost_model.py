@@ -24,7 +24,7 @@ import numpy as np
 from paged_jax.core.scheduler import SamplerRow, SchedulerOutput
 from paged_jax.core.step_record import StepRecord
 from paged_jax.engine_args import EngineArgs
-from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepResult
+from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepListener, StepResult
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,23 @@ class CostModelExecutor:
         self.counters = StepCounters()
 
     def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
-                limits: list[int] | None = None) -> StepResult:
+                limits: list[int] | None = None, on_step: StepListener | None = None) -> StepResult:
         self.counters.count_moves(out)
         if not (out.chunks or out.copies):
             return StepResult(seconds=0.0)
-        self.counters.num_steps += num_steps
         self.counters.num_calls += 1
+        sampled = [self._sample(chunk.group.params.logprobs, num_steps) for _, chunk, _ in rows]
+        steps = num_steps
+        for i in range(num_steps if on_step is not None and rows else 0):
+            if not on_step(i, [s[i] for s in sampled]) and i + 1 < num_steps:  # as the runner: the step in flight runs
+                on_step(i + 1, [s[i + 1] for s in sampled])
+                steps = i + 2
+                break
+        self.counters.num_steps += steps
         context = sum(c.num_cached + c.num_new for c in out.chunks)
-        seconds = num_steps * self.cost.seconds(out.num_tokens, context)
+        seconds = steps * self.cost.seconds(out.num_tokens, context)
         seconds += 2 * self.cost.per_context_token * self.block_size * len(out.copies)
-        return StepResult([self._sample(chunk.group.params.logprobs, num_steps) for _, chunk, _ in rows], seconds)
+        return StepResult([s[:steps] for s in sampled], seconds)
 
     def _sample(self, logprobs: int | None, num_steps: int) -> list[Sampled]:
         if not logprobs:

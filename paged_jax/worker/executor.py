@@ -11,6 +11,7 @@ decode-loop variant compiles in the background, `decode_loop_steps` runs single 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +38,11 @@ class Sampled:
     top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless asked
 
 
+# on_step(i, sampled): step i of a step's tokens, one per sampler row, as soon as the host has
+# them (in a decode loop, while step i + 1 computes); False ends a decode loop early.
+StepListener = Callable[[int, list[Sampled]], bool]
+
+
 @dataclass(frozen=True)
 class StepResult:
     """For each sampler row, the tokens it sampled (one per step of a decode loop), and the
@@ -51,7 +57,7 @@ class StepCounters:
     """What the executor did since start, for the engine's stats()."""
 
     num_steps: int = 0  # model steps (each step of a decode loop counts)
-    num_calls: int = 0  # host round trips
+    num_calls: int = 0  # scheduled steps the host prepared (a decode loop counts once)
     num_swapped_out: int = 0  # blocks copied device -> host
     num_swapped_in: int = 0
     num_copied: int = 0  # blocks copied on write
@@ -76,12 +82,13 @@ class Executor(Protocol):
     counters: StepCounters
 
     def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
-                limits: list[int] | None = None) -> StepResult:
+                limits: list[int] | None = None, on_step: StepListener | None = None) -> StepResult:
         """Run the step: block moves first (swap out, swap in, copy-on-write copies), then the
         model. rows are out.sampler_rows(). num_steps > 1 (decode-only steps, as many as
-        decode_loop_steps granted) asks for that many tokens per row in one device loop;
-        limits[i] is the number of tokens chunk i's blocks hold, past which its row writes
-        nothing."""
+        decode_loop_steps granted) asks for up to that many tokens per row in one decode
+        loop; limits[i] is the number of tokens chunk i's blocks hold, past which its row
+        writes nothing. on_step sees each step's tokens as they come; when it returns False
+        the loop ends after the step in flight (the result holds the steps run)."""
 
     def decode_loop_steps(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int) -> int:
         """num_steps if this decode-only step can run as one loop of that many steps now, else

@@ -1,4 +1,11 @@
-"""The model runner: turns a scheduled step into one jitted model call and one sampler call.
+"""The model runner: turns a scheduled step into one jitted model call and one sampler call,
+or a decode loop into a chain of jitted decode steps.
+
+A decode loop (num_scheduler_steps > 1, decode-only batches) dispatches each step before
+the host has read the one before: a step's input tokens are the previous step's output, on
+the device. So the device never waits for the host, and the host appends, detokenises and
+streams each step's tokens while the next step computes: a streaming client sees a token
+per step, not a burst per loop, and the host's work per token overlaps the device's.
 
 Every step is padded to a bucket so that a small, fixed set of shapes is compiled ahead of
 time: decode-only steps to a number of sequences from 1, 2, 3, 4, 6, 8, 12, ... (one token
@@ -18,6 +25,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +37,7 @@ from paged_jax.model import Model, sharding
 from paged_jax.model.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
 from paged_jax.sequence import Sequence
 from paged_jax.worker.compilation import Executables
-from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepResult
+from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepListener, StepResult
 from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
 
 logger = logging.getLogger(__name__)
@@ -82,9 +90,9 @@ class ModelRunner:
         self.mixed_buckets = [Bucket(t, s, False)
                               for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
                               for s in _seq_buckets(min(t, max_num_seqs))]
-        # Bucket (one step) or (Bucket, steps, flags) (decode loop) -> executable
+        # Bucket (one forward step) or (Bucket, flags) (a step of a decode loop) -> executable
         self.executables = Executables()
-        self.decode_loop = make_decode_loop(model.module, block_size)
+        self.decode_step = make_decode_step(model.module, block_size)
         self.warmed_up = False
         self.compiles_after_warmup = 0
         self.counters = StepCounters()
@@ -106,10 +114,10 @@ class ModelRunner:
         return next((b for b in fitting if key(b) in self.executables), fitting[0])
 
     def executable(self, key):
-        """The compiled device call for key: a Bucket (one forward step) or (Bucket, num_steps,
-        flags) (a decode loop). `execute` gets each call it makes here, so a wrapper set on an
-        instance sees every call's key and arguments (experiments/step_profile.py records a run
-        so). Building one here is a compile on the serving path, which after warm-up means the
+        """The compiled device call for key: a Bucket (one forward step) or (Bucket, flags) (a
+        step of a decode loop). `execute` gets each executable it calls here, so a wrapper set
+        on an instance sees every call's key and arguments (experiments/step_profile.py records
+        a run so). Building one here is a compile on the serving path, which after warm-up means the
         warm-up set is incomplete (a bug, counted and logged)."""
         executable = self.executables.get(key)
         if executable is None:
@@ -129,7 +137,7 @@ class ModelRunner:
         return padded, positions, meta
 
     def _task(self, key):
-        return self._step_task(key) if isinstance(key, Bucket) else self._loop_task(*key)
+        return self._step_task(key) if isinstance(key, Bucket) else self._decode_task(*key)
 
     def _step_task(self, bucket: Bucket):
         """How to build a bucket's step: compile the forward pass (from abstract arguments, so
@@ -150,12 +158,13 @@ class ModelRunner:
 
         return bucket, make
 
-    def _loop_task(self, bucket: Bucket, num_steps: int, flags: SamplerFlags):
+    def _decode_task(self, bucket: Bucket, flags: SamplerFlags):
         tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
-        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta,
-                SamplingBatch(**empty_batch(bucket.num_seqs)), np.zeros(bucket.num_seqs, np.int32))
-        loop = self.decode_loop
-        return (bucket, num_steps, flags), lambda: loop.lower(*args, num_steps=num_steps, flags=flags).compile()
+        batch = SamplingBatch(**empty_batch(bucket.num_seqs))
+        args = (_abstract(self.model.params), DecodeState(tokens, positions, meta.context_lens, batch.counters),
+                _abstract(self.kv_cache), meta, batch, np.zeros(bucket.num_seqs, np.int32))
+        step = self.decode_step
+        return (bucket, flags), lambda: step.lower(*args, flags=flags).compile()
 
     def warm_up(self, num_scheduler_steps: int = 1, background: bool = True) -> None:
         """Make every step shape ready before it is needed: the largest bucket of each kind
@@ -167,7 +176,7 @@ class ModelRunner:
         for bucket in sorted(self.decode_buckets + self.mixed_buckets, key=lambda b: (b.num_tokens, not b.decode)):
             tasks.append(self._step_task(bucket))
             if bucket.decode and num_scheduler_steps > 1:
-                tasks.append(self._loop_task(bucket, num_scheduler_steps, LOOP_FLAGS))
+                tasks.append(self._decode_task(bucket, LOOP_FLAGS))
         covering = {self.decode_buckets[-1], self.mixed_buckets[-1]}
         now = [t for t in tasks if _bucket_of(t[0]) in covering] if background else tasks
         for key, make in tqdm(now, desc="compiling step shapes", unit="shape", leave=False,
@@ -191,16 +200,16 @@ class ModelRunner:
         always in the warm-up set); else 1, and the loop variant it lacks (top-k/p, logprobs)
         is queued for the compile thread, so a rare variant never waits for a compiler."""
         flags, fitting = _loop_flags(_sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
-        if not self.warmed_up or flags == LOOP_FLAGS or any((b, num_steps, flags) in self.executables for b in fitting):
+        if not self.warmed_up or flags == LOOP_FLAGS or any((b, flags) in self.executables for b in fitting):
             return num_steps
-        wanted = (fitting[0], num_steps, flags)
+        wanted = (fitting[0], flags)
         if not self.executables.known(wanted):
-            self.executables.queue([self._loop_task(*wanted)])
+            self.executables.queue([self._decode_task(*wanted)])
         self.executables.want(wanted)
         return 1
 
     def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
-                limits: list[int] | None = None) -> StepResult:
+                limits: list[int] | None = None, on_step: StepListener | None = None) -> StepResult:
         """Executor.execute on the device. A row's tokens past its limit are computed and
         dropped."""
         self.counters.count_moves(out)
@@ -213,6 +222,7 @@ class ModelRunner:
             self.kv_cache = _copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, src, dst)
         if not out.chunks:
             return StepResult()
+        self.counters.num_calls += 1
         chunks = out.chunks
         # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
         # then the rows are packed and take their chunk's logits by index.
@@ -221,7 +231,7 @@ class ModelRunner:
         if num_steps > 1:
             assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
             flags = _loop_flags(flags)
-            bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, num_steps, flags))
+            bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, flags))
         else:
             bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
         tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
@@ -240,35 +250,57 @@ class ModelRunner:
         if num_steps > 1:
             limit = np.zeros(bucket.num_seqs, np.int32)
             limit[: len(limits)] = limits
-            args = (self.model.params, tokens, positions, self.kv_cache, meta, batch, limit)
-            sampled, self.kv_cache = self.executable((bucket, num_steps, flags))(*args)
-        else:
-            args = (self.model.params, tokens, positions, self.kv_cache, meta)
-            logits, self.kv_cache = self.executable(bucket)(*args)
-            if not rows:
-                self.counters.num_steps += 1
-                self.counters.num_calls += 1
-                return StepResult()
-            if fan_out:
-                logits = _take_rows(logits, logit_rows)
-            sampled = sample(logits, batch, flags)
-        self.counters.num_steps += num_steps
-        self.counters.num_calls += 1
+            # The loop's fixed inputs go to the device once, not with every step.
+            meta, batch, limit = jax.device_put((meta, batch, limit), sharding.replicated(self.model.mesh))
+            state = DecodeState(tokens, positions, meta.context_lens, batch.counters)
+            executable, params = self.executable((bucket, flags)), self.model.params
+
+            def step(state: DecodeState, kv_cache):
+                return executable(params, state, kv_cache, meta, batch, limit)
+
+            return StepResult(self._decode_loop(step, state, num_steps, placed, on_step))
+        logits, self.kv_cache = self.executable(bucket)(self.model.params, tokens, positions, self.kv_cache, meta)
+        self.counters.num_steps += 1
+        if not rows:
+            return StepResult()
+        if fan_out:
+            logits = _take_rows(logits, logit_rows)
+        sampled = self._fetch(sample(logits, batch, flags), placed)
+        if on_step is not None:
+            on_step(0, sampled)
+        return StepResult([[s] for s in sampled])
+
+    def _decode_loop(self, step, state: DecodeState, num_steps: int, placed, on_step) -> list[list[Sampled]]:
+        """A decode loop: up to num_steps decode steps, each dispatched before the host reads
+        the one before it: the next step's input tokens are the device's own output, so the device never
+        waits for the host, and the host appends, detokenises and streams step i's tokens
+        (on_step) while step i + 1 runs. on_step returning False ends the loop after the
+        step in flight. Tokens per row, one per step run."""
+        in_flight = step(state, self.kv_cache)
+        go, rows = True, [[] for _ in placed]
+        for i in range(num_steps):
+            sampled, state, self.kv_cache = in_flight
+            self.counters.num_steps += 1
+            in_flight = step(state, self.kv_cache) if go and i + 1 < num_steps else None
+            for row, s in zip(rows, self._fetch(sampled, placed)):
+                row.append(s)
+            go = on_step(i, [row[-1] for row in rows]) if on_step is not None else True
+            if in_flight is None:
+                break
+        return rows
+
+    def _fetch(self, sampled, placed) -> list[Sampled]:
+        """A step's SamplerOutput, read to the host: one Sampled per placed row."""
         start = time.perf_counter()
-        result = jax.device_get(sampled)  # [steps, rows, ...], or [rows, ...] after one step
+        result = jax.device_get(sampled)
         self.counters.device_wait += time.perf_counter() - start
-        if num_steps == 1:
-            result = jax.tree.map(lambda x: x[None], result)  # numpy: no device op
-        return StepResult([self._results(result, row, chunk) for row, (chunk, _) in placed])
+        return [self._result(result, row, chunk) for row, (chunk, _) in placed]
 
     @staticmethod
-    def _results(result, row: int, chunk: ScheduledChunk) -> list[Sampled]:
+    def _result(result, row: int, chunk: ScheduledChunk) -> Sampled:
         k = chunk.group.params.logprobs or 0
-        return [
-            Sampled(int(result.tokens[step, row]), float(result.logprobs[step, row]), int(result.ranks[step, row]),
-                    list(zip(result.top_ids[step, row, :k].tolist(), result.top_logprobs[step, row, :k].tolist())))
-            for step in range(result.tokens.shape[0])
-        ]
+        return Sampled(int(result.tokens[row]), float(result.logprobs[row]), int(result.ranks[row]),
+                       list(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())))
 
     def _sampling_batch(self, placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]], num_rows: int,
                         flags: SamplerFlags) -> SamplingBatch:
@@ -332,41 +364,44 @@ def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerF
     )
 
 
-def make_decode_loop(module, block_size: int):
-    """The jitted decode loop of module (see _decode_loop; the KV cache is donated). The runner
-    holds its model's as `decode_loop`; a profiler makes one for a changed module
-    (experiments/step_profile.py: attention off)."""
-    return jax.jit(functools.partial(_decode_loop, module, block_size), static_argnames=("num_steps", "flags"),
-                   donate_argnums=(3,))
+class DecodeState(NamedTuple):
+    """What a decode step hands the next, on the device."""
+
+    tokens: jax.Array  # [S] int32: each row's newest token, the step's input
+    positions: jax.Array  # [S] int32: that token's position
+    context_lens: jax.Array  # [S] int32: tokens the row's attention reads, the input included
+    counters: jax.Array  # [S] int32: tokens the row has sampled (its random stream's position)
+
+
+def make_decode_step(module, block_size: int):
+    """The jitted decode step of module (see _decode_step; the state and the KV cache are
+    donated). The runner holds its model's as `decode_step`; a profiler makes one for a
+    changed module (experiments/step_profile.py: attention off)."""
+    return jax.jit(functools.partial(_decode_step, module, block_size), static_argnames=("flags",),
+                   donate_argnums=(1, 2))
 
 
 def _loop_flags(flags: SamplerFlags) -> SamplerFlags:
     """The decode loop's sampler variant for a step's flags: greedy rows are handled by a
-    sampling loop too, one compiled variant fewer."""
+    sampling step too, one compiled variant fewer."""
     return flags._replace(sample=True)
 
 
-def _decode_loop(module, block_size, params, tokens, positions, kv_cache, meta: AttentionMetadata,
-                 batch: SamplingBatch, limit, *, num_steps: int, flags: SamplerFlags):
-    """num_steps decode steps on the device: each step's sampled tokens are the next step's
-    inputs, so the host sees the device once per num_steps tokens. Row i writes K/V only at
-    positions below limit[i] (what its blocks hold); later tokens are computed and dropped.
-    Returns SamplerOutput fields [steps, rows, ...]."""
-    rows = jnp.arange(tokens.shape[0])
+def _decode_step(module, block_size, params, state: DecodeState, kv_cache, meta: AttentionMetadata,
+                 batch: SamplingBatch, limit, *, flags: SamplerFlags):
+    """One decode step whose input is the previous step's output, so that a decode loop's
+    steps follow each other without the host in between. meta holds the loop's block tables; row i writes K/V
+    only at positions below limit[i] (what its blocks hold); later tokens are computed and
+    dropped. Returns the step's SamplerOutput [rows, ...], the next step's state and the cache."""
+    rows = jnp.arange(state.tokens.shape[0])
     real = meta.slot_mapping >= 0  # padding rows stay padding
-
-    def step(carry, _):
-        tokens, positions, context_lens, counters, kv_cache = carry
-        block = meta.block_tables[rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]
-        slots = jnp.where(real & (positions < limit), block * block_size + positions % block_size, -1)
-        step_meta = meta.replace(context_lens=context_lens, slot_mapping=slots)
-        logits, kv_cache = module.apply({"params": params}, tokens, positions, kv_cache, step_meta)
-        out = sample(logits, batch.replace(counters=counters), flags)
-        return (out.tokens, positions + 1, context_lens + real, counters + 1, kv_cache), out
-
-    carry = (tokens, positions, meta.context_lens, batch.counters, kv_cache)
-    (_, _, _, _, kv_cache), outputs = jax.lax.scan(step, carry, None, length=num_steps)
-    return outputs, kv_cache
+    positions = state.positions
+    block = meta.block_tables[rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]
+    slots = jnp.where(real & (positions < limit), block * block_size + positions % block_size, -1)
+    step_meta = meta.replace(context_lens=state.context_lens, slot_mapping=slots)
+    logits, kv_cache = module.apply({"params": params}, state.tokens, positions, kv_cache, step_meta)
+    out = sample(logits, batch.replace(counters=state.counters), flags)
+    return out, DecodeState(out.tokens, positions + 1, state.context_lens + real, state.counters + 1), kv_cache
 
 
 def _abstract(tree):
