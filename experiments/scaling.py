@@ -59,7 +59,7 @@ def measure(path: Path, tp: int, vocab_parallel: bool, budget: int | None, seq_l
                  if s.device == device)
 
     timed_blocks = DECODE_SEQS * DECODE_CONTEXT // BLOCK_SIZE + 1  # the cache the timed steps use
-    cache = init_kv_cache(model.config, timed_blocks, BLOCK_SIZE, model.dtype, mesh)
+    cache = init_kv_cache(model.config, timed_blocks, BLOCK_SIZE, model.page_dtype, mesh)
     width = DECODE_CONTEXT // BLOCK_SIZE
     tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(DECODE_SEQS)]
     steps = {

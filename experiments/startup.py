@@ -74,10 +74,14 @@ llm = LLM(sys.argv[1], max_model_len=CPU["max_model_len"])
 def timed():
     start = time.perf_counter()
     llm.generate(inputs, params, use_tqdm=False)
-    return tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
+before = llm.stats()
 first = timed()
+during = llm.stats()
 llm.engine.wait_for_compiles()
-print(json.dumps(dict(first=first, steady=timed(), after_warmup=llm.stats()["compiles_after_warmup"])))
+print(json.dumps(dict(first=tokens / first, steady=tokens / timed(), after_warmup=llm.stats()["compiles_after_warmup"],
+                      first_seconds=first, shapes=during["executables_built"] - before["executables_built"],
+                      compile_seconds=during["executables_seconds"] - before["executables_seconds"])))
 """
 
 
@@ -137,8 +141,9 @@ def main(argv: list[str] | None = None) -> str:
         "default `LLM(model, max_model_len=512)` in a fresh process with an empty compilation cache, "
         "`generate` at once; then, every shape compiled, the same batch again (steady state).\n\n"
         + markdown_table(["round", "first run (output tok/s)", "steady state (output tok/s)", "first / steady",
-                          "compiles after warm-up"],
+                          "first run (s)", "shapes it compiled (compile s, one core)", "compiles after warm-up"],
                          [[i + 1, f"{r['first']:.0f}", f"{r['steady']:.0f}", f"{r['first'] / r['steady']:.2f}x",
+                           f"{r['first_seconds']:.1f}", f"{r['shapes']} ({r['compile_seconds']:.1f})",
                            r["after_warmup"]] for i, r in enumerate(runs)])
         + f"\n\n- first run / steady state: median {statistics.median(ratios):.2f}x "
         f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x; target >= 0.8x, "

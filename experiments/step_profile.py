@@ -35,7 +35,8 @@ import numpy as np
 from experiments.common import time_call
 from paged_jax.model import CausalLM, Model, make_forward
 from paged_jax.model.cache import init_kv_cache
-from paged_jax.worker.model_runner import Bucket, ModelRunner, make_decode_step
+from paged_jax.worker.decode_step import make_decode_step
+from paged_jax.worker.model_runner import Bucket, ModelRunner
 from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
 
 SAMPLING = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # the benchmark's temperature 1
@@ -126,7 +127,7 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
     real = dict(forward=model.forward, step=runner.decode_step)
     null = dict(forward=make_forward(null_module, model.mesh), step=make_decode_step(null_module, runner.block_size))
     matmuls = jax.jit(_matmuls, static_argnums=2)
-    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.dtype,
+    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.page_dtype,
                                    model.mesh)}
 
     def call_time(functions, call: Call) -> float:

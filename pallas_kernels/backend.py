@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import cache_ops, paged_attention, reference, xla_attention
 
@@ -28,6 +29,7 @@ class AttentionBackend:
     ragged_paged_attention: Callable
     write_kv: Callable  # (k_pages, v_pages, k, v, slot_mapping) -> (k_pages, v_pages)
     copy_blocks: Callable  # (k_pages, v_pages, src, dst) -> (k_pages, v_pages)
+    page_dtype: Callable = jnp.dtype  # the dtype pages are stored in, for a model's dtype
 
 
 def _pallas(name: str, interpret: bool) -> AttentionBackend:
@@ -54,7 +56,8 @@ def get_backend(name: str = "auto") -> AttentionBackend:
             name=name,
             paged_attention=xla_attention.paged_attention_xla,
             ragged_paged_attention=xla_attention.ragged_paged_attention_xla,
-            write_kv=reference.write_kv_reference,
+            write_kv=xla_attention.write_kv_xla,
             copy_blocks=reference.copy_blocks_reference,
+            page_dtype=xla_attention.page_dtype,
         )
     raise ValueError(f"unknown attention_backend {name!r}; choose one of {BACKENDS}")

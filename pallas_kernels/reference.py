@@ -100,6 +100,11 @@ def write_kv_reference(
     slot_mapping: jax.Array,  # int32[num_tokens]: block * block_size + offset, < 0 = skip
 ) -> tuple[jax.Array, jax.Array]:
     shapes.check_write(k_pages, v_pages, k, v, slot_mapping)
+    return scatter_tokens(k_pages, v_pages, k, v, slot_mapping)
+
+
+def scatter_tokens(k_pages, v_pages, k, v, slot_mapping):
+    """write_kv's scatter, unchecked (also the xla backend's, on pages of any dtype)."""
     num_blocks, block_size = k_pages.shape[1:3]
     # Out-of-range indices are dropped by the scatter, so padding maps to block num_blocks.
     block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)

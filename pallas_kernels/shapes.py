@@ -23,8 +23,9 @@ def _check_int_vector(name: str, x: jax.Array, length: int) -> None:
         _fail(f"{name} must be an integer array, got {x.dtype}")
 
 
-def check_pages(k_pages: jax.Array, v_pages: jax.Array) -> None:
-    """k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim], same shape and dtype."""
+def check_pages(k_pages: jax.Array, v_pages: jax.Array, *, any_dtype: bool = False) -> None:
+    """k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim], same shape and dtype
+    (one the kernels compute in, unless any_dtype: a copy moves bits, whatever they mean)."""
     if k_pages.ndim != 4:
         _fail(
             "k_pages must be [num_kv_heads, num_blocks, block_size, head_dim], "
@@ -35,7 +36,7 @@ def check_pages(k_pages: jax.Array, v_pages: jax.Array) -> None:
             f"k_pages {k_pages.shape} {k_pages.dtype} and v_pages {v_pages.shape} "
             f"{v_pages.dtype} must have the same shape and dtype"
         )
-    if k_pages.dtype not in SUPPORTED_DTYPES:
+    if not any_dtype and k_pages.dtype not in SUPPORTED_DTYPES:
         _fail(f"pages dtype must be float32, bfloat16 or float16, got {k_pages.dtype}")
 
 
@@ -96,7 +97,7 @@ def check_write(k_pages, v_pages, k, v, slot_mapping) -> None:
 
 def check_copy(k_pages, v_pages, src, dst) -> None:
     """src, dst: int[num_copies] block ids."""
-    check_pages(k_pages, v_pages)
+    check_pages(k_pages, v_pages, any_dtype=True)
     if src.ndim != 1:
         _fail(f"src must be a 1-D block id array, got shape {src.shape}")
     _check_int_vector("dst", dst, src.shape[0])

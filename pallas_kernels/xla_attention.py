@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import shapes
+from pallas_kernels import reference, shapes
 from pallas_kernels.tiling import (
     MASK_VALUE,
     cdiv,
@@ -36,6 +36,37 @@ CHUNK_TOKENS = 32  # measured on a 2-core CPU: 16-64 similar, 128 is 2-4x slower
 # with 2, 4 and 8 groups; small calls keep one group.
 LENGTH_GROUPS = 4
 MIN_TILES_TO_GROUP = 16
+# bfloat16 pages are stored as their bits. XLA's CPU scatter widens a bfloat16 operand to
+# float32 and back, the whole cache for a write of a few tokens (115 ms a step for a 64 MiB
+# cache, against 0.04 ms for uint16 or float32); a bitcast of the donated cache inside the
+# step copies it too (37 ms). So the cache is made uint16, writes bitcast the new tokens and
+# reads bitcast the pages they gather (experiments/results/dtype_cpu.md).
+STORED_AS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
+
+
+def page_dtype(dtype) -> jnp.dtype:
+    """The dtype this backend's pages hold for a model computing in dtype."""
+    return STORED_AS.get(jnp.dtype(dtype), jnp.dtype(dtype))
+
+
+def _as_computed(pages, dtype):
+    """The pages as the model's dtype sees them (a view for the shape checks)."""
+    return jax.ShapeDtypeStruct(pages.shape, dtype) if pages.dtype != dtype else pages
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def write_kv_xla(
+    k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim], page_dtype(k.dtype)
+    v_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    k: jax.Array,  # [num_tokens, num_kv_heads, head_dim]
+    v: jax.Array,  # [num_tokens, num_kv_heads, head_dim]
+    slot_mapping: jax.Array,  # int32[num_tokens]: block * block_size + offset, < 0 = skip
+) -> tuple[jax.Array, jax.Array]:
+    """write_kv on pages held as the model's dtype or as its bits (STORED_AS)."""
+    shapes.check_write(_as_computed(k_pages, k.dtype), _as_computed(v_pages, v.dtype), k, v, slot_mapping)
+    if k_pages.dtype != k.dtype:
+        k, v = lax.bitcast_convert_type(k, k_pages.dtype), lax.bitcast_convert_type(v, v_pages.dtype)
+    return reference.scatter_tokens(k_pages, v_pages, k, v, slot_mapping)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "max_q_len"))
@@ -50,7 +81,8 @@ def ragged_paged_attention_xla(
     sm_scale: float | None = None,
     max_q_len: int | None = None,
 ) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
-    shapes.check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens)
+    shapes.check_attention(q, _as_computed(k_pages, q.dtype), _as_computed(v_pages, q.dtype), block_tables,
+                           context_lens, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, block_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
@@ -117,7 +149,8 @@ def _attend(q_tiles, k_pages, v_pages, tables, row_pos, kv_end, plan, scale):
     def load(pages_array, i):  # -> [Hkv, tiles, chunk, D]
         ids = lax.dynamic_slice_in_dim(tables, i * pages, pages, axis=1)
         ids = jnp.clip(ids, 0, num_blocks - 1)  # table padding may hold any sentinel
-        return pages_array[:, ids].reshape(num_kv_heads, num_tiles, chunk, head_dim)
+        gathered = pages_array[:, ids].reshape(num_kv_heads, num_tiles, chunk, head_dim)
+        return gathered if gathered.dtype == q_tiles.dtype else lax.bitcast_convert_type(gathered, q_tiles.dtype)
 
     def body(i, carry):
         acc, m_prev, l_prev = carry  # acc [Hkv, tiles, rows, D]; m, l [Hkv, tiles, rows]

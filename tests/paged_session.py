@@ -15,7 +15,7 @@ class PagedSession:
         self.model, self.block_size = model, block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.prefill_tokens, self.max_seqs = prefill_tokens, max_seqs
-        self.cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype, model.mesh)
+        self.cache = init_kv_cache(model.config, num_blocks, block_size, model.page_dtype, model.mesh)
         self.free = [int(b) for b in rng.permutation(num_blocks)]
         self.tables: dict[int, list[int]] = {}
         self.cached: dict[int, int] = {}

@@ -92,3 +92,26 @@ def test_bad_shapes_raise_value_error(rng):
         pk.write_kv(k_pages, v_pages, jnp.zeros((3, 2, 80)), jnp.zeros((3, 2, 80)), jnp.zeros(4, jnp.int32))
     with pytest.raises(ValueError, match="dst"):
         pk.copy_blocks(k_pages, v_pages, jnp.zeros(3, jnp.int32), jnp.zeros(2, jnp.int32))
+
+
+def test_the_xla_backend_keeps_bfloat16_pages_as_their_bits_and_reads_them_back(rng):
+    """XLA's CPU scatter widens a bfloat16 cache to float32 and back on every write, so the
+    xla backend stores bfloat16 pages as uint16: writes and attention see the same values."""
+    xla = pk.get_backend("xla")
+    assert xla.page_dtype(jnp.bfloat16) == jnp.uint16 and xla.page_dtype(jnp.float32) == jnp.float32
+    k_np, v_np, _ = random_pools(rng, head_dim=64)
+    as_bits = lambda x: jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16)  # noqa: E731
+    k_new, v_new = (jnp.asarray(rng.normal(size=(5, 2, 64)), jnp.bfloat16) for _ in range(2))
+    slots = jnp.array([0, 9, -1, 30, 47], jnp.int32)
+    typed = pk.write_kv_reference(jnp.asarray(k_np, jnp.bfloat16), jnp.asarray(v_np, jnp.bfloat16), k_new, v_new,
+                                  slots)
+    bits = xla.write_kv(as_bits(k_np), as_bits(v_np), k_new, v_new, slots)
+    assert bits[0].dtype == jnp.uint16
+    for typed_pages, bit_pages in zip(typed, bits):
+        np.testing.assert_array_equal(np.asarray(as_bits(typed_pages)), np.asarray(bit_pages))
+    q = jnp.asarray(rng.normal(size=(3, 4, 64)), jnp.bfloat16)
+    tables, lengths, cu = jnp.array([[0, 1, 2], [7, 8, 11]], jnp.int32), jnp.array([9, 12], jnp.int32), \
+        jnp.array([0, 2, 3], jnp.int32)
+    expected = xla.ragged_paged_attention(q, *typed, tables, lengths, cu, max_q_len=2)
+    np.testing.assert_array_equal(np.asarray(xla.ragged_paged_attention(q, *bits, tables, lengths, cu, max_q_len=2)),
+                                  np.asarray(expected))

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 from serving import assert_all_blocks_free, make_llm, random_prompts
 
@@ -61,6 +62,23 @@ def test_a_step_pads_to_the_smallest_ready_bucket(checkpoint):
     assert runner.bucket_for(1, 2, decode=True) == largest  # the smallest ready one that fits
 
 
+def test_a_wanted_shape_compiles_at_once_and_the_others_wait_for_an_idle_engine():
+    executables, built = Executables(), []
+
+    def task(key):
+        return key, lambda: built.append(key) or key
+
+    executables.used()  # a step just ran
+    executables.queue([task("a"), task("b")])
+    executables.want("b")
+    deadline = time.monotonic() + 30
+    while "b" not in executables and time.monotonic() < deadline:
+        executables.used()  # the engine keeps stepping
+        time.sleep(0.02)
+    assert built == ["b"]  # "a" was nobody's, and the engine was busy
+    assert executables.wait(timeout=30) and built == ["b", "a"]  # once idle, the rest
+
+
 def test_serving_during_background_compiles_gives_the_same_tokens_and_never_compiles(checkpoint, rng):
     path = checkpoint("llama")
     prompts = random_prompts(rng, [5, 23, 14, 2, 9])
@@ -81,14 +99,16 @@ def test_serving_during_background_compiles_gives_the_same_tokens_and_never_comp
     assert runs[True] == runs[False]
 
 
-def test_auto_dtype_computes_half_precision_checkpoints_in_float32_on_a_cpu():
+def test_auto_dtype_keeps_bfloat16_on_a_cpu_that_computes_it_else_float32():
     import jax.numpy as jnp
 
     from paged_jax import LLM
     from paged_jax.server.serve import DEFAULT_MODEL as MODEL_DIR  # stored in bfloat16
+    from paged_jax.worker.loading import cpu_has_bfloat16
 
-    assert LLM(str(MODEL_DIR), warm_up=False).engine.executor.model.dtype == jnp.float32
-    assert LLM(str(MODEL_DIR), warm_up=False, dtype="bfloat16").engine.executor.model.dtype == jnp.bfloat16
+    expected = jnp.bfloat16 if cpu_has_bfloat16() else jnp.float32
+    assert LLM(str(MODEL_DIR), warm_up=False).engine.executor.model.dtype == expected
+    assert LLM(str(MODEL_DIR), warm_up=False, dtype="float32").engine.executor.model.dtype == jnp.float32
 
 
 def test_start_up_says_what_it_is_doing(checkpoint):

@@ -366,6 +366,7 @@ class LLMEngine:
             "executables_built": compiled.built,
             "executables_from_cache": compiled.from_cache,
             "executables_pending": compiled.pending,
+            "executables_seconds": compiled.seconds,
         }
 
     def kv_snapshot(self) -> KVSnapshot:

@@ -35,6 +35,12 @@ class Model:
     forward: Callable
     mesh: Mesh
 
+    @property
+    def page_dtype(self) -> jnp.dtype:
+        """What the KV cache's pages hold: the model's dtype, or its bits where the attention
+        backend stores them so (pallas_kernels/xla_attention.py, bfloat16 on a CPU)."""
+        return self.module.backend.page_dtype(self.dtype)
+
 
 def make_forward(module: CausalLM, mesh: Mesh) -> Callable:
     """The jitted forward pass: logits replicated (the sampler sees the whole vocabulary on

@@ -35,6 +35,16 @@ ACTIVATION_FNS = {
 }
 
 
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """Every matrix product of the model: accumulated in float32 and rounded to the inputs'
+    dtype, as PyTorch computes half precision. For bfloat16 on a CPU it is also what makes it
+    fast: XLA's bfloat16 x bfloat16 -> float32 product uses the CPU's bfloat16 instructions
+    (twice float32's speed here), while a bfloat16 result takes a slow path (1.5x slower
+    than float32; experiments/results/dtype_cpu.md). float32 is unchanged."""
+    out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm, computed in float32 as Hugging Face does, cast back after."""
 
@@ -77,7 +87,7 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         q_size, group = c.num_heads * c.head_dim, c.num_heads // c.num_kv_heads
         qkv = nn.Dense(c.num_kv_heads * (group + 2) * c.head_dim, use_bias=c.qkv_bias,
-                       param_dtype=self.param_dtype, name="qkv_proj")(x)
+                       param_dtype=self.param_dtype, dot_general=dot_general, name="qkv_proj")(x)
         qkv = qkv.reshape(num_tokens, c.num_kv_heads, group + 2, c.head_dim)  # per KV head: q..., k, v
         q = qkv[:, :, :group].reshape(num_tokens, c.num_heads, c.head_dim)
         k, v = qkv[:, :, group], qkv[:, :, group + 1]  # [T, Hkv, D]
@@ -89,7 +99,7 @@ class Attention(nn.Module):
             q, k_pages, v_pages, meta.block_tables, meta.context_lens, meta.cu_q_lens,
             max_q_len=meta.max_q_len,
         )  # [T, Hq, D]
-        out = nn.Dense(c.hidden_size, use_bias=c.out_bias, param_dtype=self.param_dtype,
+        out = nn.Dense(c.hidden_size, use_bias=c.out_bias, param_dtype=self.param_dtype, dot_general=dot_general,
                        name="o_proj")(out.reshape(num_tokens, q_size))
         return out, (k_pages, v_pages)
 
@@ -102,7 +112,8 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         act = ACTIVATION_FNS[c.activation]
-        dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, param_dtype=self.param_dtype,  # noqa: E731
+                                         dot_general=dot_general, name=name)
         if c.gated_mlp:
             pairs = dense(2 * c.intermediate_size, "gate_up_proj")(x).reshape(-1, c.intermediate_size, 2)
             hidden = act(pairs[..., 0]) * pairs[..., 1]  # (gate, up) pairs
@@ -150,7 +161,8 @@ class CausalLM(nn.Module):
                          name="embed")
         x = embed(tokens)
         if c.embed_dim:
-            x = nn.Dense(c.hidden_size, use_bias=False, param_dtype=self.param_dtype, name="project_in")(x)
+            x = nn.Dense(c.hidden_size, use_bias=False, param_dtype=self.param_dtype, dot_general=dot_general,
+                         name="project_in")(x)
         if c.learned_positions:
             table = nn.Embed(c.max_position_embeddings + c.position_offset, c.hidden_size,
                              param_dtype=self.param_dtype, name="positions")
@@ -164,9 +176,11 @@ class CausalLM(nn.Module):
         if c.final_norm:
             x = Norm(c, self.param_dtype, name="final_norm")(x)
         if c.embed_dim:
-            x = nn.Dense(c.embed_dim, use_bias=False, param_dtype=self.param_dtype, name="project_out")(x)
+            x = nn.Dense(c.embed_dim, use_bias=False, param_dtype=self.param_dtype, dot_general=dot_general,
+                         name="project_out")(x)
         if c.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = dot_general(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
-            logits = nn.Dense(vocab, use_bias=False, param_dtype=self.param_dtype, name="lm_head")(x)
+            logits = nn.Dense(vocab, use_bias=False, param_dtype=self.param_dtype, dot_general=dot_general,
+                              name="lm_head")(x)
         return logits[:, : c.vocab_size].astype(jnp.float32), tuple(new_cache)

@@ -75,6 +75,7 @@ class CompileStats:
     from_cache: int = 0  # of which loaded from the persistent compilation cache
     pending: int = 0  # still compiling in the background
     after_warm_up: int = 0  # compiled on the serving path: a bug, always 0
+    seconds: float = 0.0  # spent building them, on whichever thread
 
 
 class Executor(Protocol):

@@ -25,7 +25,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +33,10 @@ from tqdm import tqdm
 
 from paged_jax.core.scheduler import SamplerRow, ScheduledChunk, SchedulerOutput
 from paged_jax.model import Model, sharding
-from paged_jax.model.cache import AttentionMetadata, SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache
 from paged_jax.sequence import Sequence
 from paged_jax.worker.compilation import Executables
+from paged_jax.worker.decode_step import DecodeState, loop_flags, make_decode_step
 from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepListener, StepResult
 from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
 
@@ -81,9 +81,10 @@ class ModelRunner:
         self.spec = ExecutorSpec(num_blocks, num_swap_blocks, max_model_len, model.config.vocab_size, eos_token_ids)
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.dtype, model.mesh)
+        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.page_dtype, model.mesh)
         shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
-        self.swap_space = [(np.zeros(shape, model.dtype), np.zeros(shape, model.dtype)) for _ in self.kv_cache]
+        self.swap_space = [(np.zeros(shape, model.page_dtype), np.zeros(shape, model.page_dtype))
+                           for _ in self.kv_cache]
         self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
         # Mixed steps pad tokens and sequences apart: a lone prompt in a bucket sized for many
         # sequences pays for their attention tiles and logits rows.
@@ -188,7 +189,7 @@ class ModelRunner:
 
     def compile_stats(self) -> CompileStats:
         built = self.executables
-        return CompileStats(built.built, built.from_cache, built.pending, self.compiles_after_warmup)
+        return CompileStats(built.built, built.from_cache, built.pending, self.compiles_after_warmup, built.seconds)
 
     def wait_for_compiles(self, timeout: float | None = None) -> bool:
         return self.executables.wait(timeout)
@@ -199,7 +200,7 @@ class ModelRunner:
         """num_steps when the decode loop this batch needs is ready (or the plain-sampling one,
         always in the warm-up set); else 1, and the loop variant it lacks (top-k/p, logprobs)
         is queued for the compile thread, so a rare variant never waits for a compiler."""
-        flags, fitting = _loop_flags(_sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
+        flags, fitting = loop_flags(_sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
         if not self.warmed_up or flags == LOOP_FLAGS or any((b, flags) in self.executables for b in fitting):
             return num_steps
         wanted = (fitting[0], flags)
@@ -222,6 +223,7 @@ class ModelRunner:
             self.kv_cache = _copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, src, dst)
         if not out.chunks:
             return StepResult()
+        self.executables.used()
         self.counters.num_calls += 1
         chunks = out.chunks
         # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
@@ -230,7 +232,7 @@ class ModelRunner:
         flags = _sampler_flags(rows) if rows else None
         if num_steps > 1:
             assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
-            flags = _loop_flags(flags)
+            flags = loop_flags(flags)
             bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, flags))
         else:
             bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
@@ -294,6 +296,7 @@ class ModelRunner:
         start = time.perf_counter()
         result = jax.device_get(sampled)
         self.counters.device_wait += time.perf_counter() - start
+        self.executables.used()
         return [self._result(result, row, chunk) for row, (chunk, _) in placed]
 
     @staticmethod
@@ -362,46 +365,6 @@ def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerF
         adjust=any(p.penalised or len(seq.output_token_ids) < p.min_tokens for p, seq in params),
         logprobs=any(p.logprobs is not None for p, _ in params),
     )
-
-
-class DecodeState(NamedTuple):
-    """What a decode step hands the next, on the device."""
-
-    tokens: jax.Array  # [S] int32: each row's newest token, the step's input
-    positions: jax.Array  # [S] int32: that token's position
-    context_lens: jax.Array  # [S] int32: tokens the row's attention reads, the input included
-    counters: jax.Array  # [S] int32: tokens the row has sampled (its random stream's position)
-
-
-def make_decode_step(module, block_size: int):
-    """The jitted decode step of module (see _decode_step; the state and the KV cache are
-    donated). The runner holds its model's as `decode_step`; a profiler makes one for a
-    changed module (experiments/step_profile.py: attention off)."""
-    return jax.jit(functools.partial(_decode_step, module, block_size), static_argnames=("flags",),
-                   donate_argnums=(1, 2))
-
-
-def _loop_flags(flags: SamplerFlags) -> SamplerFlags:
-    """The decode loop's sampler variant for a step's flags: greedy rows are handled by a
-    sampling step too, one compiled variant fewer."""
-    return flags._replace(sample=True)
-
-
-def _decode_step(module, block_size, params, state: DecodeState, kv_cache, meta: AttentionMetadata,
-                 batch: SamplingBatch, limit, *, flags: SamplerFlags):
-    """One decode step whose input is the previous step's output, so that a decode loop's
-    steps follow each other without the host in between. meta holds the loop's block tables; row i writes K/V
-    only at positions below limit[i] (what its blocks hold); later tokens are computed and
-    dropped. Returns the step's SamplerOutput [rows, ...], the next step's state and the cache."""
-    rows = jnp.arange(state.tokens.shape[0])
-    real = meta.slot_mapping >= 0  # padding rows stay padding
-    positions = state.positions
-    block = meta.block_tables[rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]
-    slots = jnp.where(real & (positions < limit), block * block_size + positions % block_size, -1)
-    step_meta = meta.replace(context_lens=state.context_lens, slot_mapping=slots)
-    logits, kv_cache = module.apply({"params": params}, state.tokens, positions, kv_cache, step_meta)
-    out = sample(logits, batch.replace(counters=state.counters), flags)
-    return out, DecodeState(out.tokens, positions + 1, state.context_lens + real, state.counters + 1), kv_cache
 
 
 def _abstract(tree):
