@@ -1,7 +1,8 @@
 """bfloat16 on a CPU: what XLA makes fast and slow, and what it gives a whole model (issue 19).
 
 vLLM computes in bfloat16 on CPUs with bfloat16 instructions; ours used float32 there because
-a bfloat16 model decoded 7x slower. Three measurements, each in turns with its float32 twin:
+a bfloat16 model decoded several times slower (every KV write rewrote the whole cache, table 2).
+Three measurements, each in turns with its float32 twin:
 
 1. Matrix products [T, 512] x [512, 2048]: float32; bfloat16 with a bfloat16 result (what
    `x @ w` gives); bfloat16 accumulated into float32 (`preferred_element_type`), which the

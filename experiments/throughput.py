@@ -1,6 +1,8 @@
-"""Offline throughput: our engine against Hugging Face `generate` with static batches (the
-paper's "up to 24x" baseline) and Hugging Face's own continuous batching over a paged cache
-(`generate_batch`, transformers 5), on a ShareGPT-like synthetic workload; with the matmul
+"""Offline throughput: our engine against vLLM itself (its CPU build, in its own virtual
+environment, see vllm_offline.py; a fresh process per run, timed at its steady state, its
+third `generate`), Hugging Face `generate` with static batches (the paper's "up to 24x"
+baseline) and Hugging Face's own continuous batching over a paged cache (`generate_batch`,
+transformers 5), on a ShareGPT-like synthetic workload; with the matmul
 roofline and a breakdown of where our run's time goes (experiments/step_profile.py).
 
 All run the same random Llama-shaped checkpoint (saved once with transformers) and the same
@@ -45,6 +47,22 @@ GPU = dict(model=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layer
                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
            requests=1000, max_model_len=2048, hf_batches=(16, 64), max_num_seqs=256, dtype="bfloat16",
            roofline_batch=256)
+
+
+def vllm_peer(python: str, path: Path, prompts, requests, sizes):
+    """A run of vLLM on the workload: seconds of its steady-state generate, in a fresh process."""
+    import os
+
+    from experiments import vllm_offline
+
+    work = dict(model=str(path), max_model_len=sizes["max_model_len"], prompts=prompts,
+                lengths=[r.output_len for r in requests])
+
+    def run() -> float:
+        seconds, _ = vllm_offline.run(python, vllm_offline.VLLM, work, dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4"))
+        return seconds[-1]
+
+    return run
 
 
 class Ours:
@@ -129,6 +147,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--requests", type=int, help="number of requests (default: 48 on CPU, 1000 on GPU)")
     parser.add_argument("--scheduler-steps", type=int, default=8, help="num_scheduler_steps (decode steps per loop)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every system, interleaved with ours")
+    parser.add_argument("--vllm-python", default=str(Path(__file__).parent.parent / ".venv-vllm" / "bin" / "python"),
+                        help="vLLM's virtual environment (skipped when absent)")
     args = parser.parse_args(argv)
     sizes = GPU if jax.default_backend() == "gpu" else CPU
     requests = sample_requests(SHAREGPT, args.requests or sizes["requests"], max_model_len=sizes["max_model_len"])
@@ -148,6 +168,7 @@ def main(argv: list[str] | None = None) -> str:
         continuous_model = hf_model(path, sizes["dtype"], attn_implementation="paged|sdpa")
         static = {b: functools.partial(hf_static, static_model, prompts, requests, b) for b in sizes["hf_batches"]}
         continuous = functools.partial(hf_continuous, continuous_model, prompts, requests)
+        vllm = vllm_peer(args.vllm_python, path, prompts, requests, sizes) if Path(args.vllm_python).exists() else None
         timed("ours", ours)
         for batch, run in static.items():
             timed(f"static {batch}", run)
@@ -159,6 +180,9 @@ def main(argv: list[str] | None = None) -> str:
                 timed("ours", ours)
             timed("continuous", continuous)
             timed("ours", ours)
+            if vllm is not None:
+                timed("vllm", vllm)
+                timed("ours", ours)
         profile = ours.profile()
         roofline = step_profile.matmul_rate(ours.llm.engine.executor.model, sizes["roofline_batch"])
 
@@ -169,7 +193,8 @@ def main(argv: list[str] | None = None) -> str:
         """Each run of a peer over the mean of our runs just before and after it."""
         return [s / ((timeline[i - 1][1] + timeline[i + 1][1]) / 2) for i, (n, s) in enumerate(timeline) if n == name]
 
-    names = {"ours": "paged-jax", **{f"static {b}": f"HF generate, static batch {b}" for b in static},
+    names = {"ours": "paged-jax", **({"vllm": "vLLM 0.32.0 (CPU build)"} if vllm is not None else {}),
+             **{f"static {b}": f"HF generate, static batch {b}" for b in static},
              "continuous": "HF generate_batch (continuous batching)"}
     rows = []
     for name, label in names.items():
@@ -195,6 +220,8 @@ def main(argv: list[str] | None = None) -> str:
         + f"\n\n- paged-jax over HF static batching (best batch, {best}): {ratio(over_static)} output tokens/s "
         f"(target >= 5x)"
         + f"\n- paged-jax over HF continuous batching: {ratio(over_continuous)} (target >= 10x)"
+        + (f"\n- paged-jax over vLLM: {ratio(paired('vllm'))} output tokens/s (target >= 1.2x)" if vllm is not None
+           else "\n- vLLM not measured: no virtual environment at --vllm-python (see vllm_offline.py)")
         + f"\n- roofline, the model's matmuls alone at batch {sizes['roofline_batch']}: {roofline:.0f} tokens/s; "
         f"paged-jax's output tokens/s are **{100 * ours_rate / roofline:.0f}%** of it (out of reach on this "
         f"workload: after its first steps the batch shrinks as requests finish)"

@@ -37,9 +37,9 @@ CHUNK_TOKENS = 32  # measured on a 2-core CPU: 16-64 similar, 128 is 2-4x slower
 LENGTH_GROUPS = 4
 MIN_TILES_TO_GROUP = 16
 # bfloat16 pages are stored as their bits. XLA's CPU scatter widens a bfloat16 operand to
-# float32 and back, the whole cache for a write of a few tokens (115 ms a step for a 64 MiB
-# cache, against 0.04 ms for uint16 or float32); a bitcast of the donated cache inside the
-# step copies it too (37 ms). So the cache is made uint16, writes bitcast the new tokens and
+# float32 and back, the whole cache for a write of a few tokens (48 ms a step for a 64 MiB
+# cache, against 0.05 ms for uint16 or float32); a bitcast of the donated cache inside the
+# step copies it too (26 ms). So the cache is made uint16, writes bitcast the new tokens and
 # reads bitcast the pages they gather (experiments/results/dtype_cpu.md).
 STORED_AS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
 

@@ -62,6 +62,25 @@ def test_a_step_pads_to_the_smallest_ready_bucket(checkpoint):
     assert runner.bucket_for(1, 2, decode=True) == largest  # the smallest ready one that fits
 
 
+def test_a_step_wants_its_own_shape_only_when_padding_would_more_than_double_it(checkpoint):
+    class Recording(Executables):
+        def __init__(self):
+            super().__init__()
+            self.wanted = []
+
+        def want(self, key):
+            self.wanted.append(key)
+
+    runner = make_llm(checkpoint("llama"), **SMALL).engine.executor
+    runner.executables = Recording()
+    largest = runner.decode_buckets[-1]  # 4 sequences
+    runner.executables.build(largest, lambda: "compiled")
+    runner.bucket_for(2, 2, decode=True)  # padded 2x: cheaper than a compile beside it
+    assert runner.executables.wanted == []
+    runner.bucket_for(1, 1, decode=True)  # padded 4x: its own shape is wanted
+    assert runner.executables.wanted == [runner.decode_buckets[0]]
+
+
 def test_a_wanted_shape_compiles_at_once_and_the_others_wait_for_an_idle_engine():
     executables, built = Executables(), []
 

@@ -39,8 +39,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """Every matrix product of the model: accumulated in float32 and rounded to the inputs'
     dtype, as PyTorch computes half precision. For bfloat16 on a CPU it is also what makes it
     fast: XLA's bfloat16 x bfloat16 -> float32 product uses the CPU's bfloat16 instructions
-    (twice float32's speed here), while a bfloat16 result takes a slow path (1.5x slower
-    than float32; experiments/results/dtype_cpu.md). float32 is unchanged."""
+    (2-3x float32's speed here), while a bfloat16 result takes a slower path (slower than
+    float32 at 8 and 256 rows; experiments/results/dtype_cpu.md). float32 is unchanged."""
     out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
     return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 

@@ -42,6 +42,7 @@ from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, s
 
 logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET = 16
+WANT_PADDING = 2.0  # a step padded beyond this wants its own shape compiled next (bucket_for)
 LOOP_FLAGS = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # plain sampling
 
 
@@ -107,12 +108,15 @@ class ModelRunner:
     def bucket_for(self, num_tokens: int, num_seqs: int, decode: bool, key=lambda bucket: bucket) -> Bucket:
         """The smallest bucket that fits and whose executable (key(bucket)) is ready; the
         smallest that fits when none is ready (then it compiles now: without warm-up only).
-        When the smallest that fits is still queued, it is compiled next: the shape a step
-        wants goes before the others."""
+        When the ready one is more than WANT_PADDING times the step (in tokens or sequences),
+        the smallest that fits is wanted: compiled next, before the shapes nobody wants. Less
+        padding than that costs less than the compile, which takes a core from the steps
+        (a batch that shrinks as its requests finish would want a shape every few steps)."""
         fitting = self._fitting(num_tokens, num_seqs, decode)
-        if key(fitting[0]) not in self.executables:
+        ready = next((b for b in fitting if key(b) in self.executables), fitting[0])
+        if ready.num_seqs > WANT_PADDING * num_seqs or (not decode and ready.num_tokens > WANT_PADDING * num_tokens):
             self.executables.want(key(fitting[0]))
-        return next((b for b in fitting if key(b) in self.executables), fitting[0])
+        return ready
 
     def executable(self, key):
         """The compiled device call for key: a Bucket (one forward step) or (Bucket, flags) (a
@@ -274,10 +278,10 @@ class ModelRunner:
 
     def _decode_loop(self, step, state: DecodeState, num_steps: int, placed, on_step) -> list[list[Sampled]]:
         """A decode loop: up to num_steps decode steps, each dispatched before the host reads
-        the one before it: the next step's input tokens are the device's own output, so the device never
-        waits for the host, and the host appends, detokenises and streams step i's tokens
-        (on_step) while step i + 1 runs. on_step returning False ends the loop after the
-        step in flight. Tokens per row, one per step run."""
+        the one before it. A step's input tokens are the previous step's output, so the
+        device never waits for the host, and the host appends, detokenises and streams step
+        i's tokens (on_step) while step i + 1 runs. on_step returning False ends the loop
+        after the step in flight. Returns the tokens per row, one per step run."""
         in_flight = step(state, self.kv_cache)
         go, rows = True, [[] for _ in placed]
         for i in range(num_steps):
