@@ -213,3 +213,52 @@ BREAKDOWN = [  # (key, what it is)
 
 def breakdown_rows(p: dict) -> list[list[str]]:
     return [[what, f"{1e3 * p[key]:.0f}", f"{100 * p[key] / p['wall']:.0f}%"] for key, what in BREAKDOWN]
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Profile a serving-shaped batch: the embedded model on vLLM's random trace (every request
+    --input-len random prompt tokens and --output-len greedy output tokens), all requests at
+    once, so the decode batch is as large as serving at saturation makes it. Recording reads
+    each decode step's state to the host before the call, so the recorded run overlaps less
+    than an unrecorded one; the pieces are timed apart from it."""
+    import argparse
+    import time
+
+    from experiments.common import device_slug, markdown_table, report
+    from paged_jax import LLM, SamplingParams
+    from paged_jax.server.serve import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=100)
+    parser.add_argument("--output-len", type=int, default=100)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(argv)
+    llm = LLM(args.model, max_model_len=args.input_len + args.output_len + 1, dtype=args.dtype,
+              background_compile=False)
+    runner = llm.engine.executor
+    rng = np.random.default_rng(0)
+    inputs = [{"prompt_token_ids": rng.integers(3, llm.engine.vocab_size, args.input_len).tolist()}
+              for _ in range(args.requests)]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(inputs, params, use_tqdm=False)  # warm
+    with recording(runner) as calls:
+        start = time.perf_counter()
+        llm.generate(inputs, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    p = profile(runner.model, runner, calls, seconds, llm.stats()["host_overhead"])
+    tokens = args.requests * args.output_len
+    body = (
+        f"Model `{args.model}` ({np.dtype(runner.model.dtype).name}), {args.requests} requests of {args.input_len} "
+        f"prompt and {args.output_len} output tokens at once (greedy, ignore_eos), default engine settings: "
+        f"{tokens / seconds:.0f} output tok/s while recorded, {1e3 * seconds / tokens:.2f} ms per output token; "
+        f"{p['device_calls']} device calls, {p['real_tokens']} tokens in {p['bucket_tokens']} bucket slots.\n\n"
+        + markdown_table(["component", "ms", "share of wall"], breakdown_rows(p))
+    )
+    report(f"step_profile_{device_slug()}", "Where a serving-shaped batch's time goes", body)
+    return body
+
+
+if __name__ == "__main__":
+    main()
