@@ -102,3 +102,21 @@ def test_sustainable_rate_is_where_latency_crosses_the_limit():
 def test_smaller_sizes_keep_the_default_results_file():
     assert result_name("sharing", "full", "full") == f"sharing_{device_slug()}"
     assert result_name("sharing", "tiny", "full") == f"sharing_{device_slug()}_tiny"
+
+
+def test_the_step_profile_replays_every_forward_step_and_decode_loop_step_of_a_run(checkpoint):
+    from serving import make_llm
+
+    from experiments import step_profile
+    from paged_jax import SamplingParams
+
+    llm = make_llm(checkpoint("llama"), num_scheduler_steps=4)
+    runner = llm.engine.executor
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    with step_profile.recording(runner) as calls:
+        llm.generate([{"prompt_token_ids": [5 + i] * 6} for i in range(3)], params, use_tqdm=False)
+    assert {call.forward for call in calls} == {True, False}  # prompts, then decode-loop steps
+    profile = step_profile.profile(runner.model, runner, calls, wall_seconds=1.0, host_share=0.1, repeats=1)
+    # every computed token once: 6 prompt tokens and 8 fed-back outputs per request
+    assert profile["device_calls"] == len(calls) and profile["real_tokens"] == 3 * (6 + 8)
+    assert profile["host"] == pytest.approx(0.1) and profile["attention"] + profile["roofline"] > 0
