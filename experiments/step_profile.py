@@ -24,15 +24,19 @@ loop, part of it runs while the device computes the next step, so this is an upp
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import time
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import time_call
+from experiments.common import device_slug, markdown_table, report, time_call
+from paged_jax import LLM, SamplingParams
 from paged_jax.model import CausalLM, Model, make_forward
 from paged_jax.model.cache import init_kv_cache
 from paged_jax.worker.decode_step import make_decode_step
@@ -221,15 +225,8 @@ def main(argv: list[str] | None = None) -> str:
     once, so the decode batch is as large as serving at saturation makes it. Recording reads
     each decode step's state to the host before the call, so the recorded run overlaps less
     than an unrecorded one; the pieces are timed apart from it."""
-    import argparse
-    import time
-
-    from experiments.common import device_slug, markdown_table, report
-    from paged_jax import LLM, SamplingParams
-    from paged_jax.server.serve import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default=str(Path(__file__).parent.parent / "models" / "stdlib-llama"))
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=100)

@@ -198,8 +198,8 @@ class LLMEngine:
         def on_step(i: int, sampled: list[Sampled]) -> bool:
             """Step i's tokens, while step i + 1 (of a decode loop) computes."""
             now = time.time()
-            computed(i + 1)
-            if i == 0:
+            if i == 0:  # siblings fork from the computed prompt; mid-loop, nothing reads the counts
+                computed(1)
                 fork_siblings(rows, self.block_manager)
             for (_, chunk, seq), result in zip(rows, sampled):
                 group = chunk.group

@@ -117,6 +117,7 @@ class Executables:
             self.from_cache += getattr(_local, "hits", 0) > hits
             self._ready[key] = executable
             self._queued.pop(key, None)
+            self._wanted.discard(key)
         return executable
 
     def queue(self, tasks: list[tuple[Hashable, Callable[[], Callable]]]) -> None:
