@@ -40,10 +40,10 @@ def step_time(model, batch: int, new_tokens: int, context: int) -> float:
     `context - new_tokens` cached ones."""
     blocks_per_seq = -(-context // BLOCK_SIZE)
     tables = np.random.default_rng(0).permutation(batch * blocks_per_seq).reshape(batch, blocks_per_seq)
-    chunks = [SequenceChunk(table.tolist(), context - new_tokens, new_tokens) for table in tables]
+    chunks = [SequenceChunk([table.tolist()], context - new_tokens, new_tokens) for table in tables]
     positions, meta = build_metadata(chunks, BLOCK_SIZE, max_blocks_per_seq=blocks_per_seq)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, model.config.vocab_size, batch * new_tokens), jnp.int32)
-    state = {"cache": init_kv_cache(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.page_dtype, model.mesh)}
+    state = {"cache": init_kv_cache(model.config, batch * blocks_per_seq, BLOCK_SIZE, model.page_dtype(), model.mesh)}
 
     def call():
         logits, state["cache"] = model.forward(model.params, tokens, positions, state["cache"], meta)

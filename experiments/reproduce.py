@@ -6,7 +6,8 @@ and 17 at the paper's scale in the simulator (our scheduler, memory managers and
 modelled step times),
 Fig. 12-13 and 18b by real execution at a small scale on a clock modelled from this machine's
 measured steps (so that the shared machine's load does not move them), and the sharing and
-preemption figures at sizes where their effects show: each quick size is one whose numbers
+preemption figures at sizes where their effects show, and the KV page dtype ablation (accuracy by
+real execution, serving in the simulator): each quick size is one whose numbers
 hold from run to run, not a smoke test (those are the modules' `tiny` sizes). Fig. 18a needs
 a GPU: on a CPU its row says so. --full runs every figure at its reference size (an hour or
 more on a CPU). On a GPU the modules pick their GPU sizes (bigger models, longer contexts).
@@ -20,7 +21,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments import block_size, decoding_rate, kernel_bench, memory_waste, preemption, request_rate, sharing
+from experiments import (
+    block_size,
+    decoding_rate,
+    kernel_bench,
+    kv_dtype,
+    memory_waste,
+    preemption,
+    request_rate,
+    sharing,
+)
 from experiments.common import markdown_table, report, result_name, run_figure
 
 # (module, options, size for --quick, size for --full), in the order the table lists them
@@ -33,6 +43,7 @@ PLAN = [
     (block_size, {}, "quick", "full"),
     (preemption, {}, "quick", "full"),
     (kernel_bench, {}, "quick", "full"),
+    (kv_dtype, {}, "quick", "full"),
 ]
 
 

@@ -59,12 +59,12 @@ def measure(path: Path, tp: int, vocab_parallel: bool, budget: int | None, seq_l
                  if s.device == device)
 
     timed_blocks = DECODE_SEQS * DECODE_CONTEXT // BLOCK_SIZE + 1  # the cache the timed steps use
-    cache = init_kv_cache(model.config, timed_blocks, BLOCK_SIZE, model.page_dtype, mesh)
+    cache = init_kv_cache(model.config, timed_blocks, BLOCK_SIZE, model.page_dtype(), mesh)
     width = DECODE_CONTEXT // BLOCK_SIZE
     tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(DECODE_SEQS)]
     steps = {
-        "decode": [SequenceChunk(t, DECODE_CONTEXT - 1, 1) for t in tables],
-        "prefill": [SequenceChunk(t, 0, PREFILL_TOKENS // 4) for t in tables[:4]],
+        "decode": [SequenceChunk([t], DECODE_CONTEXT - 1, 1) for t in tables],
+        "prefill": [SequenceChunk([t], 0, PREFILL_TOKENS // 4) for t in tables[:4]],
     }
     out = dict(tp=tp, vocab="split" if vocab_parallel else "replicated", kv_bytes_per_block=per_block,
                blocks=int(blocks), max_batch=int(blocks // per_seq), param_mib=params / 2**20)

@@ -131,7 +131,7 @@ def profile(model: Model, runner: ModelRunner, calls: list[Call], wall_seconds: 
     real = dict(forward=model.forward, step=runner.decode_step)
     null = dict(forward=make_forward(null_module, model.mesh), step=make_decode_step(null_module, runner.block_size))
     matmuls = jax.jit(_matmuls, static_argnums=2)
-    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.page_dtype,
+    state = {"cache": init_kv_cache(model.config, runner.kv_cache[0][0].shape[1], runner.block_size, model.page_dtype(),
                                    model.mesh)}
 
     def call_time(functions, call: Call) -> float:

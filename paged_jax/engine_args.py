@@ -11,13 +11,23 @@ PREEMPTION_MODES = ("recompute", "swap")
 # ours, and the paper's Orca baselines by how much each request reserves (kv/reservation.py)
 MEMORY_MANAGERS = ("paged", "orca-max", "orca-pow2", "orca-oracle")
 BATCHING = ("continuous", "static")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # model/cache.py: kv_dtype
 
 
 @dataclass(frozen=True)
 class EngineArgs:
+    # A checkpoint directory, or a Hugging Face Hub id downloaded into download_dir (default: the
+    # hub's cache, HF_HOME) at a revision (branch, tag or commit; default main): model/hub.py.
     model: str
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # default: the model's files
+    revision: str | None = None
+    tokenizer_revision: str | None = None  # default: revision, as in vLLM
+    download_dir: str | None = None
     dtype: str = "auto"
+    # What the KV pages hold, as vLLM spells it: "auto" (the model's dtype), "bfloat16", "fp8"
+    # (= "fp8_e4m3"), "fp8_e5m2" or "int8" (a scale per token and KV head). The cache is sized
+    # in bytes, so 8-bit pages hold about twice the blocks of bfloat16 ones.
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -69,5 +79,6 @@ class EngineArgs:
         require(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
         require(self.memory_manager in MEMORY_MANAGERS, "memory_manager", f"must be one of {MEMORY_MANAGERS}")
         require(self.batching in BATCHING, "batching", f"must be one of {BATCHING}")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {list(KV_CACHE_DTYPES)}")
         require(self.memory_manager == "paged" or not (self.enable_prefix_caching or self.preemption_mode == "swap"),
                 "memory_manager", "reserves whole requests: no prefix caching, nothing to swap")

@@ -46,6 +46,9 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None  # why a request failed on its own (the others carry on)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (none without one)
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first (nothing
+    # predicts it), then its logprob and the top ones, from the logits at the position before.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

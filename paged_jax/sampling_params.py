@@ -44,6 +44,9 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    # Per prompt token after the first: its logprob and the top `prompt_logprobs` others
+    # (RequestOutput.prompt_logprobs). Its cached prefix is not used: those positions have no logits.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_strings: list[str] = field(init=False, repr=False)
@@ -65,6 +68,9 @@ class SamplingParams:
         require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
         require(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                 "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        require(self.prompt_logprobs is None
+                or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+                "prompt_logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         require(self.stop_token_ids is None or all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids", "must be a list of token ids")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -35,10 +35,11 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    # Per KV group (kv/interface.py), logical block -> physical block; empty: holds none.
+    block_tables: list[list[int]] = field(default_factory=list)
     born: bool = True  # False: a sibling waiting for its request's prompt, to fork from it
     block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks
-    num_cached_blocks: int = 0  # leading blocks of block_table known to the prefix cache
+    num_cached_blocks: int = 0  # leading blocks of its tables known to the prefix cache
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     text: str = ""
@@ -77,6 +78,10 @@ class SequenceGroup:
     error: str | None = None
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     beam: BeamSearch | None = None  # a beam search request: seqs are its live beams
+    # The prompt's tokens scored so far (SamplingParams.prompt_logprobs), shared by the n
+    # sequences: the first has nothing before it to predict it. Chunks of the prompt extend
+    # it; a recomputed prompt does not (worker/executor.py: prompt_positions).
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
 
     @property
     def active(self) -> list[Sequence]:
@@ -108,6 +113,7 @@ class SequenceGroup:
             metrics=self.metrics,
             error=self.error,
             num_cached_tokens=self.num_cached_tokens or 0,
+            prompt_logprobs=list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None,
         )
 
     def _sample_outputs(self) -> list[CompletionOutput]:

@@ -5,6 +5,10 @@ Pallas interpreter (any machine; slow, for testing), `xla` runs the same tiled a
 written in jax.numpy (fast on a CPU) and the jax.numpy cache updates. `auto` is `pallas` on
 a GPU and `xla` elsewhere. All four functions have the
 same signatures and results whichever backend provides them.
+
+Pages may be 8-bit (quantization.py). Every function takes the int8 pages' scales as
+`k_scales`, `v_scales` ([num_kv_heads, num_blocks, block_size] float32; None for pages of any
+other dtype), and the two cache functions return them updated beside the pages.
 """
 
 from __future__ import annotations
@@ -24,12 +28,20 @@ BACKENDS = ("auto", "pallas", "pallas_interpret", "xla")
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
-    paged_attention: Callable  # (q, k_pages, v_pages, block_tables, lengths, *, sm_scale)
-    # (q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale, max_q_len)
+    # (q, k_pages, v_pages, block_tables, lengths, *, sm_scale, sliding_window, soft_cap,
+    #  k_scales, v_scales)
+    paged_attention: Callable
+    # (q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale, max_q_len,
+    #  sliding_window, soft_cap, k_scales, v_scales); see paged_attention.ragged_paged_attention
     ragged_paged_attention: Callable
-    write_kv: Callable  # (k_pages, v_pages, k, v, slot_mapping) -> (k_pages, v_pages)
-    copy_blocks: Callable  # (k_pages, v_pages, src, dst) -> (k_pages, v_pages)
-    page_dtype: Callable = jnp.dtype  # the dtype pages are stored in, for a model's dtype
+    # (k_pages, v_pages, k, v, slot_mapping, k_scales=None, v_scales=None)
+    #   -> (k_pages, v_pages, k_scales, v_scales), K/V quantized to the pages' dtype
+    write_kv: Callable
+    # (k_pages, v_pages, src, dst, k_scales=None, v_scales=None)
+    #   -> (k_pages, v_pages, k_scales, v_scales), a block's scales copied with its pages
+    copy_blocks: Callable
+    # the dtype pages are stored in, for pages holding dtype (the model's, or an 8-bit one)
+    page_dtype: Callable = jnp.dtype
 
 
 def _pallas(name: str, interpret: bool) -> AttentionBackend:

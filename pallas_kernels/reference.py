@@ -14,19 +14,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import shapes
-from pallas_kernels.tiling import decode_as_ragged
+from pallas_kernels.quantization import dequantize, quantize
+from pallas_kernels.tiling import decode_as_ragged, sees, soft_capped
 
 
-def _gather_context(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """pages [Hkv, N, B, D], block_tables [S, M] -> [S, Hkv, M * B, D] contiguous contexts."""
+def _gather_context(
+    pages: jax.Array,  # [Hkv, N, B, D]
+    scales: jax.Array | None,  # float32[Hkv, N, B] beside int8 pages, else None
+    block_tables: jax.Array,  # int32[S, M]
+    dtype,  # the model's dtype
+) -> jax.Array:  # [S, Hkv, M * B, D] dtype: each sequence's contiguous context, dequantized
     num_kv_heads, num_blocks, block_size, head_dim = pages.shape
     num_seqs, width = block_tables.shape
     ids = jnp.clip(block_tables, 0, num_blocks - 1)  # the table's padding may hold any sentinel
-    context = pages[:, ids]  # [Hkv, S, M, B, D]
+    context = dequantize(pages[:, ids], None if scales is None else scales[:, ids], dtype)  # [Hkv, S, M, B, D]
     return context.reshape(num_kv_heads, num_seqs, width * block_size, head_dim).transpose(1, 0, 2, 3)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "max_q_len"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "max_q_len", "sliding_window", "soft_cap"))
 def ragged_paged_attention_reference(
     q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
@@ -37,10 +42,18 @@ def ragged_paged_attention_reference(
     *,
     sm_scale: float | None = None,
     max_q_len: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scales: jax.Array | None = None,  # float32[num_kv_heads, num_blocks, block_size]: int8 pages
+    v_scales: jax.Array | None = None,  # float32[num_kv_heads, num_blocks, block_size]
 ) -> jax.Array:  # [num_tokens, num_q_heads, head_dim]
     """Queries are regrouped per sequence into [num_seqs, max_q_len] (static, default
-    num_tokens) and attend causally over the gathered contexts."""
-    shapes.check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens)
+    num_tokens) and attend causally (within `sliding_window`, see tiling.sees) over the whole
+    gathered contexts, scores soft-capped by `soft_cap`: the masks alone keep out blocks
+    before a window, whatever they hold. 8-bit pages are dequantized as gathered."""
+    shapes.check_attention(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens,
+                           sliding_window=sliding_window, soft_cap=soft_cap, k_scales=k_scales,
+                           v_scales=v_scales)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
     group = num_q_heads // num_kv_heads
@@ -55,13 +68,14 @@ def ragged_paged_attention_reference(
     q_seq = q[jnp.clip(token, 0, num_tokens - 1)]  # [S, Qmax, Hq, D]
     q_seq = q_seq.reshape(*token.shape, num_kv_heads, group, head_dim)
 
-    k = _gather_context(k_pages, block_tables)  # [S, Hkv, C, D]
-    v = _gather_context(v_pages, block_tables)
+    k = _gather_context(k_pages, k_scales, block_tables, q.dtype)  # [S, Hkv, C, D]
+    v = _gather_context(v_pages, v_scales, block_tables, q.dtype)
     scores = jnp.einsum("sqhgd,shcd->shgqc", q_seq, k, precision=precision,
-                        preferred_element_type=jnp.float32) * scale
+                        preferred_element_type=jnp.float32)
+    scores = soft_capped(scores * scale, soft_cap)
     position = context_lens[:, None] - q_lens[:, None] + offset  # [S, Qmax]
     kv_pos = jnp.arange(k.shape[2])
-    visible = (kv_pos <= position[:, :, None]) & (kv_pos < context_lens[:, None, None])
+    visible = sees(position[:, :, None], kv_pos, sliding_window) & (kv_pos < context_lens[:, None, None])
     visible = (visible & is_query[:, :, None])[:, None, None]  # [S, 1, 1, Qmax, C]
     scores = jnp.where(visible, scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
@@ -85,47 +99,62 @@ def paged_attention_reference(
     lengths: jax.Array,  # int32[num_seqs]
     *,
     sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scales: jax.Array | None = None,  # float32[num_kv_heads, num_blocks, block_size]: int8 pages
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:  # [num_seqs, num_q_heads, head_dim]
     """Decode: the ragged case with one query per sequence."""
     return decode_as_ragged(ragged_paged_attention_reference, q, k_pages, v_pages, block_tables, lengths,
-                            sm_scale=sm_scale)
+                            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                            k_scales=k_scales, v_scales=v_scales)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
+@functools.partial(jax.jit, donate_argnums=(0, 1, 5, 6))
 def write_kv_reference(
     k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
     v_pages: jax.Array,
     k: jax.Array,  # [num_tokens, num_kv_heads, head_dim]
     v: jax.Array,
     slot_mapping: jax.Array,  # int32[num_tokens]: block * block_size + offset, < 0 = skip
-) -> tuple[jax.Array, jax.Array]:
-    shapes.check_write(k_pages, v_pages, k, v, slot_mapping)
-    return scatter_tokens(k_pages, v_pages, k, v, slot_mapping)
+    k_scales: jax.Array | None = None,  # float32[num_kv_heads, num_blocks, block_size]: int8 pages
+    v_scales: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    shapes.check_write(k_pages, v_pages, k, v, slot_mapping, k_scales, v_scales)
+    (k, k_new_scales), (v, v_new_scales) = quantize(k, k_pages.dtype), quantize(v, v_pages.dtype)
+    return scatter_tokens((k_pages, v_pages, k_scales, v_scales), (k, v, k_new_scales, v_new_scales),
+                          slot_mapping)
 
 
-def scatter_tokens(k_pages, v_pages, k, v, slot_mapping):
-    """write_kv's scatter, unchecked (also the xla backend's, on pages of any dtype)."""
-    num_blocks, block_size = k_pages.shape[1:3]
+def scatter_tokens(
+    pools: tuple,  # arrays [Hkv, num_blocks, block_size, ...] (pages, scales) or None
+    rows: tuple,  # per pool, [num_tokens, Hkv, ...] in its dtype (None for a None pool)
+    slot_mapping: jax.Array,  # int32[num_tokens]
+) -> tuple:
+    """write_kv's scatter, unchecked: each token's rows into its slot of every pool (also the
+    xla backend's, on pages of any dtype)."""
+    num_blocks, block_size = pools[0].shape[1:3]
     # Out-of-range indices are dropped by the scatter, so padding maps to block num_blocks.
     block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)
     offset = slot_mapping % block_size
-    k_pages = k_pages.at[:, block, offset].set(k.transpose(1, 0, 2), mode="drop")
-    v_pages = v_pages.at[:, block, offset].set(v.transpose(1, 0, 2), mode="drop")
-    return k_pages, v_pages
+    return jax.tree.map(lambda pool, new: pool.at[:, block, offset].set(jnp.swapaxes(new, 0, 1), mode="drop"),
+                        pools, rows)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
+@functools.partial(jax.jit, donate_argnums=(0, 1, 4, 5))
 def copy_blocks_reference(
     k_pages: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
     v_pages: jax.Array,
     src: jax.Array,  # int32[num_copies]; a negative entry is padding
     dst: jax.Array,  # int32[num_copies]; distinct, and none of them a source
-) -> tuple[jax.Array, jax.Array]:
-    shapes.check_copy(k_pages, v_pages, src, dst)
+    k_scales: jax.Array | None = None,  # float32[num_kv_heads, num_blocks, block_size]: int8 pages
+    v_scales: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """A block's scales move with its pages."""
+    shapes.check_copy(k_pages, v_pages, src, dst, k_scales, v_scales)
     num_blocks = k_pages.shape[1]
     skip = (src < 0) | (dst < 0)
     src = jnp.clip(src, 0, num_blocks - 1)
     dst = jnp.where(skip, num_blocks, dst)
-    k_pages = k_pages.at[:, dst].set(k_pages[:, src], mode="drop")
-    v_pages = v_pages.at[:, dst].set(v_pages[:, src], mode="drop")
-    return k_pages, v_pages
+    return jax.tree.map(lambda pool: pool.at[:, dst].set(pool[:, src], mode="drop"),
+                        (k_pages, v_pages, k_scales, v_scales))

@@ -1,9 +1,16 @@
-"""How a ragged attention call is cut into work: query tiles, context chunks, partitions.
+"""How a ragged attention call is cut into work: query tiles, context chunks, partitions,
+and which keys a query sees.
 
-Shared by the Pallas kernel and the jax.numpy (`xla`) implementation so the two walk the
-same tiles. A *query tile* holds up to `tokens_per_tile` consecutive query tokens of one
-sequence, with all the query heads that share one KV head; the tile's rows are its
-(token, head) pairs. Every choice here is made from static shapes, never device values.
+Shared by the Pallas kernel, the jax.numpy (`xla`) implementation and the reference, so all
+three walk the same tiles and apply the same rule. A *query tile* holds up to
+`tokens_per_tile` consecutive query tokens of one sequence, with all the query heads that
+share one KV head; the tile's rows are its (token, head) pairs. Every choice of sizes here is
+made from static shapes, never device values.
+
+A tile walks its context from `context_start` (the chunk holding the first position its first
+token sees; 0 without a sliding window) to its last token, so with a window of W it reads
+about W + tokens_per_tile positions however long the sequence, and the blocks wholly before
+that start are never read: the block manager may free them.
 """
 
 from __future__ import annotations
@@ -45,6 +52,30 @@ class TilePlan:
     pieces: tuple[tuple[int, int], ...]  # (start, size) power-of-two column pieces of head_dim
 
 
+def sees(q_pos: jax.Array, kv_pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Whether a query at q_pos attends to the key at kv_pos: causal and, with a window,
+    within the last sliding_window positions counting its own (Mistral's and Gemma's rule).
+    Broadcasts; a q_pos of -1 (no query) sees nothing."""
+    visible = kv_pos <= q_pos
+    if sliding_window is not None:
+        visible &= q_pos - kv_pos < sliding_window
+    return visible
+
+
+def soft_capped(scores: jax.Array, soft_cap: float | None) -> jax.Array:
+    """Gemma 2's logit soft-capping (attn_logit_softcapping), on scaled scores before masking:
+    the model was trained with scores bounded smoothly by |score| < soft_cap."""
+    return scores if soft_cap is None else soft_cap * jnp.tanh(scores / soft_cap)
+
+
+def context_start(first_pos: jax.Array, sliding_window: int | None, chunk: int) -> jax.Array:
+    """Where a tile whose first token is at first_pos starts reading its context: the start of
+    the chunk holding the earliest position that token sees (its later tokens see no earlier)."""
+    if sliding_window is None:
+        return jnp.zeros_like(first_pos)
+    return jnp.maximum(first_pos - (sliding_window - 1), 0) // chunk * chunk
+
+
 def head_dim_pieces(head_dim: int) -> tuple[tuple[int, int], ...]:
     """Power-of-two column pieces covering head_dim, largest first: 80 -> (0,64), (64,16)."""
     pieces, start = [], 0
@@ -69,13 +100,16 @@ def plan_tiles(
     min_rows: int = 16,
     chunk: int | None = None,
     num_splits: int | None = None,
+    sliding_window: int | None = None,
 ) -> TilePlan:
     """Tile sizes and split-K partitions for one call.
 
     `min_rows` is the fewest rows a tile may have (16 for the matrix unit of a GPU; 1 where
     padding rows only costs). `chunk` defaults to a [chunk, head_dim] K tile of at most 16K
     elements (a register / shared-memory budget); split-K defaults to enough partitions to
-    keep TARGET_PROGRAMS programs busy without making partitions shorter than 512 tokens."""
+    keep TARGET_PROGRAMS programs busy without making partitions shorter than 512 tokens.
+    Partitions count from a tile's context_start, so with a sliding window they split the
+    window, not the whole table."""
     max_q_len = max(1, min(max_q_len, num_tokens))
     row_cap = max(64, next_power_of_2(group))
     block_rows = min(max(min_rows, next_power_of_2(group * max_q_len)), row_cap)
@@ -87,6 +121,9 @@ def plan_tiles(
     )
     chunk = max(16, chunk or min(128, 16384 // next_power_of_2(head_dim)))
     page_rows = min(block_size, chunk)
+    if sliding_window is not None:
+        # What a tile reads: from its chunk-aligned context_start to its last token.
+        max_context = min(max_context, (chunk - 1) + (sliding_window - 1) + tokens_per_tile)
     if num_splits is None:
         programs = num_tiles * num_kv_heads
         num_splits = 1
@@ -108,11 +145,11 @@ def plan_tiles(
     )
 
 
-def padded_block_tables(block_tables: jax.Array, plan: TilePlan, block_size: int) -> jax.Array:
-    """Pad the table so every chunk, including the last partition's, reads inside it."""
-    width = cdiv(plan.num_splits * plan.partition, block_size)
-    width = cdiv(width, plan.pages_per_chunk) * plan.pages_per_chunk
-    return jnp.pad(block_tables, ((0, 0), (0, max(0, width - block_tables.shape[1]))))
+def padded_block_tables(block_tables: jax.Array, plan: TilePlan) -> jax.Array:
+    """Pad the table to whole chunks, so the chunk holding a full table's last tokens reads
+    inside it (chunks are read only up to a sequence's length)."""
+    width = cdiv(block_tables.shape[1], plan.pages_per_chunk) * plan.pages_per_chunk
+    return jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
 
 
 def owner(ends: jax.Array, index: jax.Array) -> jax.Array:

@@ -26,12 +26,38 @@ VARIANTS = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "mistral": lambda: transformers.MistralConfig(**LLAMA, sliding_window=64),
     "qwen2": lambda: transformers.Qwen2Config(**{**LLAMA, "num_key_value_heads": 1}),
+    "qwen3": lambda: transformers.Qwen3Config(**LLAMA, head_dim=32),
+    "phi3": lambda: transformers.Phi3Config(**LLAMA, partial_rotary_factor=0.5, sliding_window=16, bos_token_id=1,
+                                            eos_token_id=2, pad_token_id=0),
+    "pythia": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, rotary_pct=0.25, initializer_range=0.2,
+                                                 **COMMON),
+    # Small caps and a query_pre_attn_scalar apart from head_dim, so that each one shows.
+    "gemma2": lambda: transformers.Gemma2Config(**LLAMA, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**LLAMA, "num_hidden_layers": 3}, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    # Mixtures of experts: 4 experts of width 32, top 2.
+    "mixtral": lambda: transformers.MixtralConfig(**{**LLAMA, "intermediate_size": 32}, num_local_experts=4,
+                                                  num_experts_per_tok=2, sliding_window=None),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**LLAMA, head_dim=32, moe_intermediate_size=32, num_experts=4,
+                                                     num_experts_per_tok=2, norm_topk_prob=True),
+    # The top-2 weights as the router gives them; layer 0 keeps a dense MLP (every 2nd layer is sparse).
+    "qwen3_moe_dense_first": lambda: transformers.Qwen3MoeConfig(
+        **LLAMA, head_dim=32, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        decoder_sparse_step=2),
 }
 
 
 def save_checkpoint(variant: str, directory: Path, dtype=torch.float32, **save_kwargs) -> Path:
     torch.manual_seed(sum(map(ord, variant)))
     model = transformers.AutoModelForCausalLM.from_config(VARIANTS[variant]())
+    with torch.no_grad():  # norms start at one (Gemma's at zero), biases at zero: alike, a mix-up would not show
+        for vector in (p for p in model.parameters() if p.ndim == 1):
+            vector.add_(0.1 * torch.randn_like(vector))
     model = model.to(dtype).eval()
     model.save_pretrained(directory, **save_kwargs)
     return directory

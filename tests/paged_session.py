@@ -1,12 +1,13 @@
 """Drive a loaded model over a paged KV cache the way an engine would, for tests: every
-sequence gets randomly chosen physical blocks, steps are padded to two fixed shapes (a prefill
-bucket and a decode bucket) so each model compiles twice."""
+sequence gets randomly chosen physical blocks (its own in each KV group; none is freed), steps
+are padded to two fixed shapes (a prefill bucket and a decode bucket) so each model compiles
+twice."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache, layout_of
 
 
 class PagedSession:
@@ -15,9 +16,10 @@ class PagedSession:
         self.model, self.block_size = model, block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.prefill_tokens, self.max_seqs = prefill_tokens, max_seqs
-        self.cache = init_kv_cache(model.config, num_blocks, block_size, model.page_dtype, model.mesh)
+        self.cache = init_kv_cache(model.config, num_blocks, block_size, model.page_dtype(), model.mesh)
         self.free = [int(b) for b in rng.permutation(num_blocks)]
-        self.tables: dict[int, list[int]] = {}
+        self.num_groups = len(layout_of(model.config).windows)
+        self.tables: dict[int, list[list[int]]] = {}
         self.cached: dict[int, int] = {}
 
     def step(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
@@ -25,11 +27,12 @@ class PagedSession:
         for each sequence's last new token."""
         chunks = []
         for seq, new in batch:
-            table = self.tables.setdefault(seq, [])
+            tables = self.tables.setdefault(seq, [[] for _ in range(self.num_groups)])
             cached = self.cached.get(seq, 0)
-            while len(table) * self.block_size < cached + len(new):
-                table.append(self.free.pop())
-            chunks.append(SequenceChunk(table, cached, len(new)))
+            while len(tables[0]) * self.block_size < cached + len(new):
+                for table in tables:
+                    table.append(self.free.pop())
+            chunks.append(SequenceChunk(tables, cached, len(new)))
         decode = all(len(new) == 1 for _, new in batch)
         num_tokens = self.max_seqs if decode else self.prefill_tokens
         positions, meta = build_metadata(

@@ -54,7 +54,8 @@ def total_bytes(tree) -> int:
 
 def greedy(root: Path, out: dict) -> None:
     """T = 2 and 4 (T = 3 on the odd model) against Hugging Face, per architecture."""
-    cases = {"gpt2": (2, 4), "opt": (2, 4), "llama": (2, 4), "qwen2": (2, 4), "odd": (3,)}
+    cases = {"gpt2": (2, 4), "opt": (2, 4), "llama": (2, 4), "qwen2": (2, 4), "odd": (3,),
+             "qwen3_moe_dense_first": (2,), "gemma2": (2,), "phi3": (2,)}
     for variant, sizes in cases.items():
         path = root / variant
         save_odd(path) if variant == "odd" else save_checkpoint(variant, path)
@@ -99,7 +100,7 @@ def random_models(root: Path, out: dict) -> None:
     config = ModelConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
                          max_position_embeddings=64, activation="silu", norm="rmsnorm", norm_eps=1e-6)
-    positions, meta = build_metadata([SequenceChunk([0, 1], 0, 7)], 4, max_blocks_per_seq=2)
+    positions, meta = build_metadata([SequenceChunk([[0, 1]], 0, 7)], 4, max_blocks_per_seq=2)
     logits = []
     for tp in (1, 2):
         model = random_model(config, sharding.make_mesh(jax.devices()[:tp]), attention_backend="xla")
@@ -144,7 +145,8 @@ def memory_and_compiles(root: Path, out: dict) -> None:
 
 
 def preemption_and_prefix(root: Path, out: dict) -> None:
-    """Preemption in both modes and prefix caching under T = 2, against T = 1."""
+    """Preemption in both modes (and swapping int8 pages with their scales) and prefix caching
+    under T = 2, against T = 1."""
     path = root / "llama"
     prompts = random_prompts(RNG, [9, 14, 6, 12, 8, 10])
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
@@ -156,6 +158,12 @@ def preemption_and_prefix(root: Path, out: dict) -> None:
         stats = llm.stats()
         out[f"preempt/{mode}/stats"] = [stats["num_preemptions"], stats["num_swapped_out_blocks"],
                                         stats["num_swapped_in_blocks"]]
+    # int8 pages: their scales split by KV head and swapped with them
+    expected = generate_ids(make_llm(path, kv_cache_dtype="int8"), prompts, params)
+    llm = make_llm(path, tensor_parallel_size=2, kv_cache_dtype="int8", num_gpu_blocks_override=16,
+                   preemption_mode="swap", swap_space=0.001)
+    out["preempt/int8/equal"] = generate_ids(llm, prompts, params) == expected
+    out["preempt/int8/swapped"] = llm.stats()["num_swapped_out_blocks"]
     shared = random_prompts(RNG, [20, 20, 20])
     for p in shared[1:]:
         p[:12] = shared[0][:12]

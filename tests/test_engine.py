@@ -11,7 +11,7 @@ from serving import GREEDY, assert_all_blocks_free, generate_ids, hf_greedy, mak
 from paged_jax import EngineArgs, LLMEngine, SamplingParams
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "opt_350m_style", "llama", "qwen2"])
+@pytest.mark.parametrize("variant", ["gpt2", "opt_350m_style", "llama", "qwen2", "qwen3", "pythia", "qwen3_moe"])
 def test_greedy_equals_hf_generate_with_a_roomy_cache(checkpoint, rng, variant):
     path = checkpoint(variant)
     prompts = random_prompts(rng, [5, 23, 40, 2, 11])
@@ -21,9 +21,9 @@ def test_greedy_equals_hf_generate_with_a_roomy_cache(checkpoint, rng, variant):
         assert tokens == hf_greedy(reference, prompt, 10)
 
 
-@pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_greedy_equals_hf_when_a_tiny_cache_forces_preemption(checkpoint, rng, mode):
-    path = checkpoint("llama")
+@pytest.mark.parametrize("variant, mode", [("llama", "recompute"), ("llama", "swap"), ("mixtral", "recompute")])
+def test_greedy_equals_hf_when_a_tiny_cache_forces_preemption(checkpoint, rng, variant, mode):
+    path = checkpoint(variant)
     prompts = random_prompts(rng, [9, 14, 6, 12, 8, 10])
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     llm = make_llm(path, num_gpu_blocks_override=16, preemption_mode=mode, swap_space=0.001)
@@ -36,6 +36,25 @@ def test_greedy_equals_hf_when_a_tiny_cache_forces_preemption(checkpoint, rng, m
     for prompt, tokens in zip(prompts, ours):
         assert tokens == hf_greedy(reference, prompt, 14)
     assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("variant, tight_blocks", [("phi3", 4), ("gemma2", 7), ("gemma3", 11)])
+def test_greedy_equals_hf_past_the_sliding_window(checkpoint, rng, variant, tight_blocks):
+    """Prompts and generations longer than the window (gemma2 8 tokens, the others 16; gemma2
+    and gemma3 mix sliding and global layers), in blocks of 8 with room to spare, then in
+    blocks of 16 in a cache so small that sequences are preempted and recomputed: a block or
+    so over what the longest request needs (phi3 slides everywhere and frees; Gemma's global
+    layers keep every block)."""
+    path = checkpoint(variant)
+    prompts = random_prompts(rng, [37, 9, 21, 50])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reference = load_reference(path)
+    expected = [hf_greedy(reference, prompt, 12) for prompt in prompts]
+    assert generate_ids(make_llm(path, block_size=8), prompts, params) == expected
+    tight = make_llm(path, block_size=16, num_gpu_blocks_override=tight_blocks, preemption_mode="recompute")
+    assert generate_ids(tight, prompts, params) == expected
+    assert tight.stats()["num_preemptions"] > 0
+    assert_all_blocks_free(tight)
 
 
 def test_greedy_equals_hf_with_chunked_prefill(checkpoint, rng):

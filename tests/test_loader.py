@@ -109,10 +109,11 @@ def test_bad_dtype_and_backend_are_rejected(checkpoint):
         load_model(checkpoint("gpt2"), attention_backend="flash")
 
 
-def test_mistral_context_is_capped_at_its_sliding_window(checkpoint):
+def test_a_sliding_window_does_not_cap_the_context(checkpoint):
+    """Attention honours the window exactly, so the model serves its whole position range."""
     config = load_model(checkpoint("mistral")).config
-    assert config.max_position_embeddings == 128
-    assert config.sliding_window == 64 and config.max_model_len == 64
+    assert config.sliding_window == 64 and config.window_of(0) == 64
+    assert config.max_model_len == config.max_position_embeddings == 128
 
 
 def test_one_device_is_a_mesh_of_one(checkpoint):

@@ -1,18 +1,37 @@
 """Our Flax models on the paged KV cache produce Hugging Face's logits (PyTorch on CPU is
-the oracle) for every architecture variant we serve: prefill, decode through the cache,
-ragged batches, every attention backend, and bfloat16."""
+the oracle) for every architecture variant we serve: prefill, decode through the cache (both
+past the sliding windows of the variants that have one), ragged batches, every attention
+backend, and bfloat16. Configs written before transformers 5 read the same as its own, and
+what we cannot serve exactly is refused."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from hf_checkpoints import VARIANTS, load_reference
 from paged_session import PagedSession
 
 from paged_jax import load_model
+from paged_jax.model.config import from_hf_config
 
 ALL = list(VARIANTS)
+SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, eos_token_id=2)
+# What configs wrote before transformers 5 moved it into `rope_parameters` and `layer_types`
+# (Gemma 2 wrote nothing: its layers alternate; Qwen2 slides from max_window_layers on).
+OLDER_FIELDS = {
+    "Gemma2ForCausalLM": (transformers.Gemma2Config, dict(sliding_window=8, rope_theta=5000.0)),
+    "Gemma3ForCausalLM": (transformers.Gemma3TextConfig, dict(
+        sliding_window=8, sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    "GPTNeoXForCausalLM": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, rotary_emb_base=5000)),
+    "Phi3ForCausalLM": (transformers.Phi3Config, dict(partial_rotary_factor=0.5, rope_theta=5000.0,
+                                                      sliding_window=16)),
+    "Qwen2ForCausalLM": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=16,
+                                                        max_window_layers=3)),
+}
 
 
 def hf_logits(reference, tokens) -> np.ndarray:
@@ -89,3 +108,29 @@ def test_bfloat16_within_bf16_tolerance(checkpoint, rng, variant):
     expected = hf_logits(load_reference(path), prompt)[-3:]
     error = np.max(np.abs(np.stack(ours) - expected)) / np.max(np.abs(expected))
     assert error < 5e-2
+
+
+def transformers_5_config(arch: str, **fields) -> dict:
+    make, _ = OLDER_FIELDS[arch]
+    return {**make(**SIZES, **fields).to_dict(), "architectures": [arch]}
+
+
+@pytest.mark.parametrize("arch", list(OLDER_FIELDS))
+def test_configs_older_than_transformers_5_read_as_it_reads_them(arch):
+    older = OLDER_FIELDS[arch][1]
+    new = transformers_5_config(arch, **older)
+    old = {k: v for k, v in new.items() if k not in ("layer_types", "rope_parameters")} | older
+    assert from_hf_config(old) == from_hf_config(new)
+
+
+@pytest.mark.parametrize("arch, field, value, message", [
+    ("Phi3ForCausalLM", "rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                            "long_factor": [2.0] * 8}, "unsupported rope scaling type 'longrope'"),
+    ("Gemma3ForCausalLM", "rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                              "sliding_attention": {"rope_type": "linear", "factor": 2.0}},
+     "rope scaling on sliding-window layers"),
+    ("Gemma3ForCausalLM", "use_bidirectional_attention", True, "bidirectional attention"),
+])
+def test_what_we_cannot_serve_exactly_is_refused(arch, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        from_hf_config({**transformers_5_config(arch), field: value})

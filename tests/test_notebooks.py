@@ -25,6 +25,7 @@ SHOWS = {  # text each notebook's markdown outputs must show: a number quoted fr
     "fig18b_block_size": "best at 16-128",
     "fig19_preemption": "20 %",
     "kv_cache": "copy-on-write",
+    "kv_dtype": "blocks in the same memory",
 }
 
 

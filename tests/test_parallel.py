@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from paged_jax.model import sharding
-from paged_jax.model.config import ModelConfig
+from paged_jax.model.config import ARCHITECTURES, ModelConfig
 
 HERE = Path(__file__).parent
 
@@ -34,11 +34,15 @@ def checks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant, tp", [("gpt2", 2), ("gpt2", 4), ("opt", 2), ("opt", 4), ("llama", 2),
-                                         ("llama", 4), ("qwen2", 2), ("qwen2", 4), ("odd", 3), ("pallas", 2)])
+                                         ("llama", 4), ("qwen2", 2), ("qwen2", 4), ("odd", 3), ("pallas", 2),
+                                         ("qwen3_moe_dense_first", 2), ("gemma2", 2), ("phi3", 2)])
 def test_greedy_under_tensor_parallelism_equals_hf(checks, variant, tp):
     """llama has 2 KV heads and qwen2 one: T = 4 replicates them. odd: 6 heads, 2 KV heads,
-    intermediate 100, vocabulary 128 on T = 3. pallas: llama through the Pallas kernels
-    (interpreted) under shard_map; the others run the xla backend."""
+    intermediate 100, vocabulary 128 on T = 3. qwen3_moe_dense_first: a dense layer, then a
+    mixture of experts with each expert split over the devices. gemma2 (soft caps, a sliding
+    and a global layer) and phi3 (all sliding, partial rotary, fused checkpoint tensors): one KV
+    head per device, past the window. pallas: llama through the Pallas kernels (interpreted)
+    under shard_map; the others run the xla backend."""
     assert checks[f"greedy/{variant}/{tp}"]
 
 
@@ -84,6 +88,10 @@ def test_preemption_is_exact_under_tensor_parallelism(checks, mode):
     preemptions, swapped_out, swapped_in = checks[f"preempt/{mode}/stats"]
     assert checks[f"preempt/{mode}/equal"] and preemptions > 0
     assert (swapped_out > 0 and swapped_in == swapped_out) if mode == "swap" else swapped_out == 0
+
+
+def test_int8_pages_and_their_scales_split_and_swap_exactly_under_tensor_parallelism(checks):
+    assert checks["preempt/int8/equal"] and checks["preempt/int8/swapped"] > 0
 
 
 def test_prefix_caching_is_exact_under_tensor_parallelism(checks):
@@ -146,13 +154,16 @@ def test_expanded_kv_heads_pair_each_query_head_with_its_own_kv_head():
 
 
 def test_partition_rules_cover_every_family():
-    for family in ("gpt2", "opt", "llama"):
+    for family in set(ARCHITECTURES.values()):
         assert sharding.partition_spec(family, "layers_3/attn/qkv_proj/bias") == sharding.P(sharding.TP)
         assert sharding.partition_spec(family, "layers_3/attn/o_proj/bias") == sharding.P()
         assert sharding.partition_spec(family, "final_norm/scale") == sharding.P()
         assert sharding.partition_spec(family, "embed/embedding", vocab_parallel=False) == sharding.P()
     assert sharding.partition_spec("opt", "layers_0/mlp/fc2/kernel") == sharding.P(sharding.TP, None)
     assert sharding.partition_spec("llama", "layers_0/mlp/gate_up_proj/kernel") == sharding.P(None, sharding.TP)
+    assert sharding.partition_spec("phi3", "layers_0/mlp/gate_up_proj/kernel") == sharding.P(None, sharding.TP)
+    assert sharding.partition_spec("gpt_neox", "layers_0/mlp/fc1/kernel") == sharding.P(None, sharding.TP)
+    assert sharding.partition_spec("llama", "layers_0/attn/q_norm/scale") == sharding.P()  # over head_dim: whole
 
 
 def test_collective_bytes_reads_compiled_hlo():

@@ -8,6 +8,7 @@ is bounded. The embedded model's server is in test_server_default_model.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 
@@ -186,6 +187,42 @@ def test_logprobs_and_n(client):
                                         extra_body={"ignore_eos": True})
     assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
     assert sampled.usage.completion_tokens == 15
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_llm_does_streamed_or_not(client, llm):
+    """What a loglikelihood client (lm-eval's local-completions) sends: echo and logprobs, with
+    max_tokens 0 for the prompt alone (as vLLM allows). The prompt's first token has no
+    logprob; text offsets run over the tokens' texts, and a stream's chunks join to the same."""
+    prompt, max_tokens = PROMPTS[2], 12
+    ids = llm.get_tokenizer().encode(prompt)
+    [offline] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                                      logprobs=2, prompt_logprobs=2), use_tqdm=False)
+    completion = offline.outputs[0]
+    scored = list(zip(ids[1:], offline.prompt_logprobs[1:])) + list(zip(completion.token_ids, completion.logprobs))
+    expected = [entry[token].logprob for token, entry in scored]
+    expected_top = [{lp.decoded_token: lp.logprob for lp in entry.values()} for _, entry in scored]  # top 2 and own
+    for generated in (max_tokens, 0):
+        request = dict(model=NAME, prompt=prompt, max_tokens=generated, temperature=0, echo=True, logprobs=2,
+                       extra_body={"ignore_eos": True})
+        whole = client.completions.create(**request).choices[0]
+        assert whole.text == prompt + (completion.text if generated else "")
+        logprobs = whole.logprobs
+        assert len(logprobs.tokens) == len(ids) + generated
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.token_logprobs[1:] == pytest.approx(expected[: len(ids) + generated - 1], abs=1e-5)
+        for top, offline_top in zip(logprobs.top_logprobs[1:], expected_top):
+            assert top == pytest.approx(offline_top, abs=1e-5)
+        assert logprobs.text_offset == list(itertools.accumulate(map(len, logprobs.tokens[:-1]), initial=0))
+        chunks = [c.choices[0] for c in client.completions.create(**request, stream=True) if c.choices]
+        assert "".join(c.text for c in chunks) == whole.text
+        streamed = {field: sum((getattr(c.logprobs, field) for c in chunks), [])
+                    for field in ("tokens", "text_offset", "token_logprobs", "top_logprobs")}
+        assert streamed["tokens"] == logprobs.tokens and streamed["text_offset"] == logprobs.text_offset
+        assert streamed["token_logprobs"][1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
+        for top, whole_top in zip(streamed["top_logprobs"][1:], logprobs.top_logprobs[1:]):
+            assert top == pytest.approx(whole_top, abs=1e-5)
+    with pytest.raises(openai.BadRequestError):  # max_tokens 0 without echo: nothing asked for
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=0)
 
 
 def test_chat_equals_llm_on_the_rendered_prompt(url, client, http, llm):

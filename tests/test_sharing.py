@@ -94,14 +94,16 @@ def hf_beam_search(reference, prompt, params: BeamSearchParams, eos: int) -> lis
 def test_beam_search_equals_hf(checkpoint, rng, tmp_path, variant, width, length_penalty, early_stopping,
                                max_tokens):
     """Our beam search is Hugging Face's rule (beam_search.py), with one EOS id and no logits
-    processors: the same search, so the same hypotheses in the same order. The EOS is the
-    model's favourite token, so that hypotheses finish early and the stopping rules matter."""
+    processors: the same search, so the same hypotheses in the same order. The EOS is one of the
+    model's favourite tokens that ends some hypotheses, so that the stopping rules matter."""
     reference = load_reference(checkpoint(variant))
     prompts = random_prompts(rng, [6, 17, 3])
-    eos = Counter(t for p in prompts for t in hf_greedy(reference, p, 8)).most_common(1)[0][0]
-    llm = make_llm(with_eos(checkpoint(variant), eos, tmp_path), max_num_seqs=16)
     params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=length_penalty,
                               early_stopping=early_stopping, include_stop_str_in_output=True)
+    favourites = [t for t, _ in Counter(t for p in prompts for t in hf_greedy(reference, p, 8)).most_common(5)]
+    eos = next(t for t in favourites  # one that ends some of Hugging Face's hypotheses
+               if any(beam[-1:] == [t] for p in prompts for beam in hf_beam_search(reference, p, params, t)))
+    llm = make_llm(with_eos(checkpoint(variant), eos, tmp_path), max_num_seqs=16)
     outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     finished_by_eos = 0
     for prompt, output in zip(prompts, outputs):
@@ -204,9 +206,9 @@ def test_a_request_reuses_a_cached_prefix_up_to_an_evicted_block(checkpoint, rng
     prompt = random_prompts(rng, [14])[0]
     llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
     manager = llm.engine.block_manager
-    blocks = manager.cached_prefix(Sequence(0, 0, prompt + [5], key=None, detokenizer=None))
+    [blocks] = manager.cached_prefix(Sequence(0, 0, prompt + [5], key=None, detokenizer=None))
     assert len(blocks) == 3
-    manager.prefix_cache.evictable.move_to_end(blocks[1], last=False)  # the middle block goes first
+    manager.prefix_caches[0].evictable.move_to_end(blocks[1], last=False)  # the middle block goes first
     manager.make_room(manager.device_pool.num_free + 1)
     [output] = llm.generate({"prompt_token_ids": prompt + [9, 9]}, GREEDY, use_tqdm=False)
     assert output.num_cached_tokens == 4

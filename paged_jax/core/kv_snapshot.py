@@ -17,19 +17,20 @@ from dataclasses import dataclass
 
 from paged_jax.core.scheduler import Scheduler
 from paged_jax.kv.block_manager import BlockManager
-from paged_jax.kv.interface import KVCacheManager
+from paged_jax.kv.interface import NULL_BLOCK, KVCacheManager
 from paged_jax.sequence import Sequence, SequenceGroup
 
 
 @dataclass(frozen=True)
 class BlockOwner:
     """One block-table entry: logical block `logical` of the request's sequence `seq_id`
-    (`index`: which of the request's completions or beams it is)."""
+    (`index`: which of the request's completions or beams it is), in KV group `group`."""
 
     request_id: str
     seq_id: int
     index: int
     logical: int
+    group: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,14 @@ class SequenceBlocks:
     seq_id: int
     index: int
     status: str  # "running" (device blocks), "swapped" (host blocks) or "waiting" (no blocks)
-    block_table: tuple[int, ...]  # logical block -> physical block (host block when swapped)
-    filled: tuple[int, ...]  # per entry, slots holding computed K/V
+    # logical block -> physical block (host block when swapped) of the first KV group: the
+    # model's only one unless its layers mix sliding-window and global attention
+    block_table: tuple[int, ...]
+    filled: tuple[int, ...]  # per entry, slots holding computed K/V (0 where NULL_BLOCK)
     num_tokens: int  # prompt + output so far; the last one's K/V is computed next step
+    # Every KV group's table, the first included; a sliding group's entries before its window
+    # are NULL_BLOCK (freed)
+    group_tables: tuple[tuple[int, ...], ...] = ()
 
     @property
     def last_block_filled(self) -> int:
@@ -97,7 +103,7 @@ def take_snapshot(step: int, scheduler: Scheduler, blocks: KVCacheManager) -> KV
                       for status, queue in queues for group in queue for seq in group.active)
     device_owners = _owners([s for s in sequences if s.status == "running"])
     host_owners = _owners([s for s in sequences if s.status == "swapped"])
-    cache = blocks.prefix_cache
+    caches = blocks.prefix_caches or []
     return KVSnapshot(
         step=step,
         block_size=blocks.block_size,
@@ -105,25 +111,30 @@ def take_snapshot(step: int, scheduler: Scheduler, blocks: KVCacheManager) -> KV
         owners=tuple(device_owners.get(b, ()) for b in range(blocks.num_blocks)),
         host_refs={b: int(blocks.swap_pool.refs[b]) for b in host_owners},
         host_owners=host_owners,
-        cached=frozenset(cache.name_of) if cache else frozenset(),
-        idle_cached=tuple(cache.evictable) if cache else (),
+        cached=frozenset(b for cache in caches for b in cache.name_of),
+        idle_cached=tuple(b for cache in caches for b in cache.evictable),
         sequences=sequences,
     )
 
 
 def _sequence(group: SequenceGroup, seq: Sequence, status: str, block_size: int) -> SequenceBlocks:
     computed = seq.num_computed_tokens
+    tables = tuple(tuple(table) for table in seq.block_tables) or ((),)
     return SequenceBlocks(
         request_id=group.request_id, seq_id=seq.seq_id, index=seq.index, status=status,
-        block_table=tuple(seq.block_table),
-        filled=tuple(min(block_size, max(0, computed - i * block_size)) for i in range(len(seq.block_table))),
-        num_tokens=seq.num_tokens)
+        block_table=tables[0],
+        filled=tuple(0 if b == NULL_BLOCK else min(block_size, max(0, computed - i * block_size))
+                     for i, b in enumerate(tables[0])),
+        num_tokens=seq.num_tokens, group_tables=tables)
 
 
 def _owners(sequences: list[SequenceBlocks]) -> dict[int, tuple[BlockOwner, ...]]:
     """Block -> the table entries naming it, for the blocks the sequences hold."""
     owners: dict[int, tuple[BlockOwner, ...]] = {}
     for seq in sequences:
-        for logical, block in enumerate(seq.block_table):
-            owners[block] = owners.get(block, ()) + (BlockOwner(seq.request_id, seq.seq_id, seq.index, logical),)
+        for group, table in enumerate(seq.group_tables):
+            for logical, block in enumerate(table):
+                if block != NULL_BLOCK:
+                    owner = BlockOwner(seq.request_id, seq.seq_id, seq.index, logical, group)
+                    owners[block] = owners.get(block, ()) + (owner,)
     return owners

@@ -9,8 +9,9 @@ be prefilled again, prompt + output) or by swap (its blocks move to host memory 
 before any new admission, when there is room). Then waiting requests are admitted in arrival
 order while the budgets and a watermark of free blocks allow; the first that does not fit
 stops admission (FCFS). With the prefix cache on, a waiting request starts after its
-longest cached prefix. A request with n > 1 runs one sequence until its prompt is computed,
-then forks (core/forks.py); it is counted as n sequences from admission on.
+longest cached prefix, unless it asks for its prompt's logprobs. A request with n > 1 runs
+one sequence until its prompt is computed, then forks (core/forks.py); it is counted as n
+sequences from admission on.
 
 The memory manager decides admission (`admit`) and growth: any KVCacheManager (kv/interface.py,
 the one thing of kv/ the scheduler knows), the paged BlockManager or, for the paper's baselines,
@@ -24,7 +25,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from paged_jax.kv.interface import KVCacheManager
+from paged_jax.kv.interface import KVCacheManager, Tables
 from paged_jax.sequence import Sequence, SequenceGroup, Status
 
 
@@ -117,7 +118,7 @@ class Scheduler:
 
     def free_finished_seqs(self, group: SequenceGroup) -> None:
         """Sequences of a still-running request that are done give their blocks back."""
-        done = [s for s in group.seqs if s.finished and s.block_table]
+        done = [s for s in group.seqs if s.finished and s.block_tables]
         self.blocks.free(done)
 
     def _release(self, group: SequenceGroup) -> None:
@@ -158,7 +159,7 @@ class Scheduler:
         what it has computed); all sequences of a group advance together, so the budget is
         split evenly."""
         seqs = group.active
-        share = budget // max(1, len(seqs))
+        share = min(budget // max(1, len(seqs)), self.blocks.max_tokens_per_step or budget)
         starts = starts or [s.num_computed_tokens for s in seqs]
         return [(s, min(s.num_tokens - start, share)) for s, start in zip(seqs, starts)]
 
@@ -207,9 +208,8 @@ class Scheduler:
         bs = self.blocks.block_size
         while self.waiting and budget > 0:
             group = self.waiting[0]  # nothing of it is in the cache
-            hits = [self.blocks.cached_prefix(s) for s in group.active]
-            hits = [hit[: min(map(len, hits))] for hit in hits]  # a group advances together: same start
-            starts = [len(hit) * bs for hit in hits]
+            hits = self._common_hits(group)
+            starts = [len(hit[0]) * bs for hit in hits]
             plan = self._plan(group, budget, starts)
             if not self._fits(group, plan, in_use):
                 break
@@ -224,6 +224,21 @@ class Scheduler:
             self._add_chunks(out, group, plan)
             budget -= sum(n for _, n in plan)
             in_use += group.num_running_seqs
+
+    def _common_hits(self, group: SequenceGroup) -> list[Tables]:
+        """The active sequences' cached prefixes, all of one length: a group advances together.
+        None for a request that wants its prompt's logprobs: a cached position has no logits
+        to score the prompt token after it (vLLM does not look either)."""
+        seqs = group.active
+        if group.params.prompt_logprobs is not None:
+            return [self.blocks.cached_prefix(s, 0) for s in seqs]
+        hits = [self.blocks.cached_prefix(s) for s in seqs]
+        common = min(len(hit[0]) for hit in hits)
+        if any(len(hit[0]) != common for hit in hits):
+            hits = [self.blocks.cached_prefix(s, common) for s in seqs]
+        if any(len(hit[0]) != common for hit in hits):  # a window found at one length and not another
+            hits = [self.blocks.cached_prefix(s, 0) for s in seqs]
+        return hits
 
     @staticmethod
     def _add_chunks(out: SchedulerOutput, group: SequenceGroup, plan) -> None:

@@ -21,7 +21,7 @@ from paged_jax.core.kv_snapshot import KVSnapshot
 from paged_jax.engine.client import EngineClient, EngineLoad, PromptType, TokenListener
 from paged_jax.engine.llm_engine import LLMEngine
 from paged_jax.engine_args import EngineArgs
-from paged_jax.model import sharding
+from paged_jax.model import hub, sharding
 from paged_jax.outputs import RequestOutput
 from paged_jax.sampling_params import SamplingParams
 
@@ -89,5 +89,8 @@ class DataParallelEngine:
 
 
 def make_engine(args: EngineArgs) -> EngineClient:
-    """The engine the arguments ask for: one, or D behind the data-parallel front."""
+    """The engine the arguments ask for: one, or D behind the data-parallel front. A hub id
+    becomes a local directory here, after the settings are checked (a bad one costs no download)."""
+    args.validate()
+    args = hub.resolve(args)
     return LLMEngine(args) if args.data_parallel_size == 1 else DataParallelEngine(args)

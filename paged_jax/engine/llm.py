@@ -22,7 +22,8 @@ from paged_jax.sampling_params import SamplingParams
 
 
 class LLM:
-    """`LLM("path/to/hf-checkpoint").generate(prompts, SamplingParams(...))`."""
+    """`LLM("path/to/hf-checkpoint").generate(prompts, SamplingParams(...))`; or a Hugging Face
+    Hub id, `LLM("org/name", revision=..., download_dir=...)`."""
 
     def __init__(self, model: str, **engine_args):
         """engine_args: any field of EngineArgs (block_size, max_num_seqs, enable_prefix_caching,

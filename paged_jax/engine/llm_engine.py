@@ -11,7 +11,9 @@ decode-loop variant compiled (as with background_compile=False).
 Sharing happens here, between steps: when the prompt of a request with n > 1 is computed,
 its n - 1 siblings fork from it (each sampled its first token from the prompt's logits); a
 beam search step forks the beams kept more than once and frees those dropped. Full blocks
-are offered to the prefix cache as they fill.
+are offered to the prefix cache as they fill. A request that asked for its prompt's logprobs
+gathers them as the chunks of its prompt compute (the executor scores each prompt token once,
+even when preemption has the prompt recomputed); its n sequences share them.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class LLMEngine:
         self.block_manager = make_block_manager(
             args.memory_manager, spec.num_blocks, args.block_size, self.max_model_len,
             num_swap_blocks=spec.num_swap_blocks, enable_prefix_caching=args.enable_prefix_caching,
-            enable_block_sharing=args.enable_block_sharing)
+            enable_block_sharing=args.enable_block_sharing, windows=spec.kv_windows)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, self.max_num_batched_tokens,
                                                    args.preemption_mode, args.batching), self.block_manager)
         if args.warm_up:
@@ -214,6 +216,8 @@ class LLMEngine:
             return on_tokens([g.output() for g in running]) if on_tokens and i + 1 < num_steps else True
 
         executed = self.executor.execute(out, rows, num_steps, limits, on_step)
+        for i, scores in executed.prompt_logprobs.items():  # in prompt order, after those scored before
+            out.chunks[i].group.prompt_logprobs.extend(map(self._logprobs_entry, scores))
         num_steps = max(map(len, executed.sampled), default=1)  # the steps it ran
         computed(num_steps)
         now = time.time()
@@ -299,13 +303,17 @@ class LLMEngine:
         group.metrics.last_token_time = now
         if params.logprobs is not None:
             seq.cumulative_logprob += sampled.logprob
-            entry = {token: Logprob(sampled.logprob, sampled.rank, self._decode(token))}
-            for rank, (top_token, logprob) in enumerate(sampled.top, start=1):
-                entry.setdefault(top_token, Logprob(logprob, rank, self._decode(top_token)))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(self._logprobs_entry(sampled))
         delta = seq.detokenizer.add([token]) if seq.detokenizer else ""
         seq.text += delta
         self._check_stop(seq, params, token, delta)
+
+    def _logprobs_entry(self, scored: Sampled) -> dict[int, Logprob]:
+        """vLLM's logprobs at one position: the token's own (with its rank), then the top ones."""
+        entry = {scored.token: Logprob(scored.logprob, scored.rank, self._decode(scored.token))}
+        for rank, (token, logprob) in enumerate(scored.top, start=1):
+            entry.setdefault(token, Logprob(logprob, rank, self._decode(token)))
+        return entry
 
     def _decode(self, token: int) -> str | None:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
@@ -344,6 +352,9 @@ class LLMEngine:
             "num_blocks": self.block_manager.num_blocks,
             "num_free_blocks": self.block_manager.num_free_blocks,
             "block_size": self.args.block_size,
+            # What a block's K/V take on the devices in these pages (8-bit ones: about half of bfloat16).
+            "kv_cache_dtype": self.args.kv_cache_dtype,
+            "kv_cache_bytes_per_block": self.executor.spec.kv_bytes_per_block,
             "num_preemptions": self.scheduler.num_preemptions,
             # Slots holding computed tokens / slots given to requests, over all steps (Fig. 2).
             "kv_utilization": self._slots[0] / self._slots[1] if self._slots[1] else 0.0,

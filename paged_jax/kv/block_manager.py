@@ -9,6 +9,14 @@ blocks; before a sequence writes into a block that another holds, the write is m
 private copy (copy-on-write), queued here as a (source, destination) block pair for the
 executor's block copies. With the prefix cache on, full blocks are also shared across requests
 (prefix_cache.py).
+
+Sliding windows (vLLM v1's hybrid KV cache manager): a model's layers form KV groups
+(model/cache.py), each with its own block table per sequence, all drawing on one pool. A
+group whose layers attend over a window of W tokens frees each block once every token it holds
+is out of reach of the tokens still to come; its table entry becomes NULL_BLOCK. A group of
+global layers keeps every block. A chunk never computes more than the smallest window
+(`max_tokens_per_step`), so what a sliding group holds stays under
+ceil((2W - 1) / block_size) + 1 blocks, however long the sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from paged_jax.kv import allocator
-from paged_jax.kv.interface import MemoryUsage, final_length
+from paged_jax.kv.interface import NULL_BLOCK, MemoryUsage, Tables, final_length, held_blocks
 from paged_jax.kv.prefix_cache import ROOT, PrefixCache, block_name
 from paged_jax.sequence import Sequence, SequenceGroup
 
@@ -70,18 +78,24 @@ class BlockPool:
 
 class BlockManager:
     """The paged KV cache manager (a KVCacheManager, interface.py): blocks handed out as
-    sequences grow, shared by forks and the prefix cache, swapped to a host pool on preemption.
-    Admission keeps a watermark of free blocks (a share of the cache) for running sequences."""
+    sequences grow, shared by forks and the prefix cache, swapped to a host pool on preemption,
+    freed as they leave a sliding window. Admission keeps a watermark of free blocks (a share of
+    the cache) for running sequences.
+
+    windows: per KV group, the sliding window of its layers in tokens (None: global layers)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_swap_blocks: int = 0, watermark: float = 0.01, *,
-                 enable_prefix_caching: bool = False, enable_block_sharing: bool = True):
+                 enable_prefix_caching: bool = False, enable_block_sharing: bool = True,
+                 windows: tuple[int | None, ...] = (None,)):
         if enable_prefix_caching and not enable_block_sharing:
             raise ValueError("enable_prefix_caching shares blocks across requests; it needs enable_block_sharing")
         self.block_size = block_size
+        self.windows = windows
         self.device_pool = BlockPool(num_blocks)
         self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks else None
         self.watermark_blocks = int(watermark * num_blocks)
-        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        # One prefix cache per group: a group's blocks hold its own layers' K/V of the same tokens.
+        self.prefix_caches = [PrefixCache() for _ in windows] if enable_prefix_caching else None
         self.sharing = enable_block_sharing
         self.pending_copies: list[tuple[int, int]] = []  # (source, destination) device blocks
 
@@ -92,94 +106,149 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Free blocks, counting idle cached ones (they are evicted on demand)."""
-        return self.device_pool.num_free + (len(self.prefix_cache.evictable) if self.prefix_cache is not None else 0)
+        idle = sum(len(c.evictable) for c in self.prefix_caches) if self.prefix_caches else 0
+        return self.device_pool.num_free + idle
+
+    @property
+    def max_tokens_per_step(self) -> int | None:
+        """The most tokens one sequence computes in a step: its smallest sliding window, so a
+        sliding group's blocks stay bounded (None: no window, no bound)."""
+        return min((w for w in self.windows if w), default=None)
+
+    def tables(self, seq: Sequence) -> Tables:
+        """seq's block table per group (empty ones for a sequence that holds nothing)."""
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.windows]
+        return seq.block_tables
+
+    def first_needed(self, window: int | None, next_position: int) -> int:
+        """The first logical block the tokens from next_position on still read (0 without a
+        window)."""
+        return max(0, next_position - window + 1) // self.block_size if window else 0
 
     def blocks_to_grow(self, seq: Sequence, num_tokens: int) -> int:
-        """New blocks seq needs to hold num_tokens tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        """New blocks seq needs to hold num_tokens tokens, over its groups."""
+        length = len(self.tables(seq)[0])
+        return self.new_blocks(length, seq.num_computed_tokens, num_tokens)
+
+    def new_blocks(self, table_len: int, computed: int, num_tokens: int) -> int:
+        """Blocks that tables of table_len entries, computed up to `computed`, add to hold
+        num_tokens: past the end, and not before the window."""
+        end = -(-num_tokens // self.block_size)
+        return sum(max(0, end - max(table_len, self.first_needed(w, computed))) for w in self.windows)
 
     def footprint(self, prompt_len: int, max_tokens: int, n: int) -> tuple[int, int]:
         """(blocks a request of n sequences takes at its longest, the most one request can take)."""
-        return n * -(-(prompt_len + max_tokens) // self.block_size), self.num_blocks - self.watermark_blocks
+        full = -(-(prompt_len + max_tokens) // self.block_size)
+        per_seq = sum(min(full, -(-(2 * w - 1) // self.block_size) + 1) if w else full for w in self.windows)
+        return n * per_seq, self.num_blocks - self.watermark_blocks
 
     def can_admit(self, num_blocks: int) -> bool:
         """Admission keeps a watermark free, so running sequences can grow a while."""
         return self.num_free_blocks - num_blocks >= self.watermark_blocks
 
-    def admit(self, group: SequenceGroup, hits: list[list[int]], targets: list[int]) -> bool:
+    def admit(self, group: SequenceGroup, hits: list[Tables], targets: list[int]) -> bool:
         """A waiting request's sequences start from their cached prefixes (hits) and get the
         blocks to hold targets[i] tokens, keeping the watermark free; or nothing changes and
         the answer is False."""
-        need = sum(-(-tokens // self.block_size) - len(hit) for tokens, hit in zip(targets, hits))
+        lengths = [len(hit[0]) if hit else 0 for hit in hits]
+        need = sum(self.new_blocks(n, n * self.block_size, tokens) for n, tokens in zip(lengths, targets))
         if not self.can_admit(need + self.cost_of_hits(hits)):
             return False
         for seq, hit in zip(group.active, hits):
-            if hit:
+            if hit and hit[0]:
                 self.use_cached(seq, hit)
         assert self.grow(list(zip(group.active, targets)))
         return True
 
     def memory_usage(self, groups: list[SequenceGroup]) -> MemoryUsage:
         """The cache's slots by what they hold, for the running requests (Fig. 2). Blocks are
-        counted as the tables name them: a shared block once per sequence."""
+        counted as the tables name them: a shared block once per sequence; a sliding group
+        from the first block it still holds."""
         stored = reserved = internal = 0
+        bs = self.block_size
         for group in groups:
             for seq in group.active:
-                slots = len(seq.block_table) * self.block_size
-                used = min(final_length(group), slots)  # slots its tokens will ever fill
-                stored += min(seq.num_computed_tokens, used)
-                reserved += used - min(seq.num_computed_tokens, used)
-                internal += slots - used
-        return MemoryUsage(stored, reserved, internal, 0, self.num_blocks * self.block_size)
+                for table in self.tables(seq):
+                    first = next((i for i, b in enumerate(table) if b != NULL_BLOCK), len(table)) * bs
+                    end = len(table) * bs
+                    used = max(0, min(final_length(group), end) - first)  # slots its tokens will ever fill
+                    computed = min(max(0, seq.num_computed_tokens - first), used)
+                    stored += computed
+                    reserved += used - computed
+                    internal += end - first - used
+        return MemoryUsage(stored, reserved, internal, 0, self.num_blocks * bs)
 
     def blocks_named_and_used(self, groups: list[SequenceGroup]) -> tuple[int, int]:
         """(blocks the running sequences' tables name, blocks in use): what sharing saves is
         the difference (Fig. 15)."""
-        named = sum(len(s.block_table) for g in groups for s in g.active)
+        named = sum(len(held_blocks(self.tables(s))) for g in groups for s in g.active)
         return named, (self.num_blocks - self.num_free_blocks) if named else 0
 
     def unique_blocks(self, seqs: list[Sequence]) -> list[int]:
-        return list(dict.fromkeys(b for seq in seqs for b in seq.block_table))
+        return list(dict.fromkeys(b for seq in seqs for b in held_blocks(self.tables(seq))))
 
     # -- growing, with copy-on-write ---------------------------------------------------------
 
-    def _shared_writes(self, seq: Sequence) -> list[int]:
-        """Indices of seq's blocks to make private before its next write: the block the write
-        starts in, when shared; without sharing every shared block (a fork is then a copy)."""
-        refs, table = self.device_pool.refs, seq.block_table
-        if not self.sharing:
-            return [i for i, b in enumerate(table) if refs[b] > 1]
+    def _shared_writes(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(group, index) of seq's blocks to make private before its next write: the block the
+        write starts in, when shared; without sharing every shared block (a fork is then a copy)."""
+        refs = self.device_pool.refs
         start = seq.num_computed_tokens
-        i = start // self.block_size
-        return [i] if start % self.block_size and refs[table[i]] > 1 else []
+        writes = []
+        for g, table in enumerate(self.tables(seq)):
+            if not self.sharing:
+                writes += [(g, i) for i, b in enumerate(table) if b != NULL_BLOCK and refs[b] > 1]
+                continue
+            i = start // self.block_size
+            if start % self.block_size and refs[table[i]] > 1:
+                writes.append((g, i))
+        return writes
+
+    def leave_windows(self, seq: Sequence) -> None:
+        """Free the blocks of seq's sliding groups that no token still to come reads."""
+        for window, table in zip(self.windows, self.tables(seq)):
+            gone = [i for i in range(min(self.first_needed(window, seq.num_computed_tokens), len(table)))
+                    if table[i] != NULL_BLOCK]
+            self._release([table[i] for i in gone])
+            for i in gone:
+                table[i] = NULL_BLOCK
 
     def grow(self, growth: list[tuple[Sequence, int]]) -> bool:
         """Give each sequence enough blocks for its token count and make the blocks it writes
-        private, in one go, all or nothing. growth: (sequence, tokens it must hold)."""
-        writes = [(seq, i) for seq, _ in growth for i in self._shared_writes(seq)]
-        sources = [seq.block_table[i] for seq, i in writes]
+        private, in one go, all or nothing (what has left a window is freed first, whatever
+        the answer). growth: (sequence, tokens it must hold)."""
+        for seq, _ in growth:
+            self.leave_windows(seq)
+        writes = [(seq, g, i) for seq, _ in growth for g, i in self._shared_writes(seq)]
+        sources = [seq.block_tables[g][i] for seq, g, i in writes]
         new = sum(self.blocks_to_grow(seq, tokens) for seq, tokens in growth)
         copies = self.device_pool.copies_needed(sources)
         if new + copies > self.num_free_blocks:
             return False
         if copies:
             self.make_room(copies)
-            for (seq, i), source, target in zip(writes, sources, self.device_pool.copy_on_write(sources)):
+            for (seq, g, i), source, target in zip(writes, sources, self.device_pool.copy_on_write(sources)):
                 if target != source:
-                    seq.block_table[i] = target
+                    seq.block_tables[g][i] = target
                     self.pending_copies.append((source, target))
         blocks = self._allocate(new)
         for seq, tokens in growth:
-            n = self.blocks_to_grow(seq, tokens)
-            seq.block_table.extend(blocks[:n])
-            blocks = blocks[n:]
+            end = -(-tokens // self.block_size)
+            for window, table in zip(self.windows, self.tables(seq)):
+                start = max(len(table), self.first_needed(window, seq.num_computed_tokens))
+                table.extend([NULL_BLOCK] * (start - len(table)))
+                n = max(0, end - start)
+                table.extend(blocks[:n])
+                blocks = blocks[n:]
         return True
 
     def make_room(self, n: int) -> None:
-        """Evict idle cached blocks until the allocator has n free."""
-        short = n - self.device_pool.num_free
-        if short > 0 and self.prefix_cache is not None:
-            self.device_pool.free(self.prefix_cache.evict(short))
+        """Evict idle cached blocks until the allocator has n free, oldest first in each group."""
+        for cache in self.prefix_caches or []:
+            short = n - self.device_pool.num_free
+            if short > 0:
+                self.device_pool.free(cache.evict(short))
 
     def _allocate(self, n: int) -> list[int]:
         self.make_room(n)
@@ -197,16 +266,16 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child starts from parent's computed KV: it holds the same blocks (copied on its
         first write into a shared one) and has computed what parent has."""
-        child.block_table = list(parent.block_table)
+        child.block_tables = [list(table) for table in self.tables(parent)]
         child.block_names = list(parent.block_names)
         child.num_cached_blocks = parent.num_cached_blocks
         child.num_computed_tokens = parent.num_computed_tokens
-        self.device_pool.fork(child.block_table)
+        self.device_pool.fork(held_blocks(child.block_tables))
 
     def free(self, seqs: list[Sequence]) -> None:
-        self._release([b for seq in seqs for b in seq.block_table])
+        self._release([b for seq in seqs for b in held_blocks(seq.block_tables)])
         for seq in seqs:
-            seq.block_table = []
+            seq.block_tables = []
             seq.num_cached_blocks = 0
 
     def _release(self, blocks: list[int]) -> None:
@@ -215,10 +284,10 @@ class BlockManager:
         preempts requests it has not grown yet this step."""
         self.device_pool.free(blocks)
         refs = self.device_pool.refs
-        if self.prefix_cache is not None:
+        for cache in self.prefix_caches or []:
             for b in reversed(blocks):
-                if refs[b] == 1 and b in self.prefix_cache.name_of:
-                    self.prefix_cache.idle(b)
+                if refs[b] == 1 and b in cache.name_of:
+                    cache.idle(b)
         assert all(refs[d] > 0 for _, d in self.pending_copies), "a queued copy targets a released block"
 
     # -- the prefix cache --------------------------------------------------------------------
@@ -231,46 +300,62 @@ class BlockManager:
             names.append(block_name(names[-1] if names else ROOT, seq.tokens(i * bs, (i + 1) * bs)))
         return names[:num_blocks]
 
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks holding seq's longest cached prefix, leaving at least its last
-        token to compute (its logits are needed). Changes nothing."""
-        if self.prefix_cache is None:
-            return []
-        bs, hit, parent = self.block_size, [], ROOT
-        for i, name in enumerate(self._names(seq, (seq.num_tokens - 1) // bs)):
-            block = self.prefix_cache.lookup(name, parent, seq.tokens(i * bs, (i + 1) * bs))
-            if block is None:
-                break
-            hit.append(block)
-            parent = name
-        return hit
+    def cached_prefix(self, seq: Sequence, max_blocks: int | None = None) -> Tables:
+        """Per group, the cached blocks holding seq's longest cached prefix of at most
+        max_blocks blocks, leaving at least its last token to compute (its logits are needed);
+        a sliding group needs only the blocks its window still reads after the prefix (NULL_BLOCK
+        before them). Changes nothing."""
+        if self.prefix_caches is None:
+            return [[] for _ in self.windows]
+        bs = self.block_size
+        limit = (seq.num_tokens - 1) // bs if max_blocks is None else min(max_blocks, (seq.num_tokens - 1) // bs)
+        names = self._names(seq, limit)
+        found = [[cache.lookup(name, names[i - 1] if i else ROOT, seq.tokens(i * bs, (i + 1) * bs))
+                  for i, name in enumerate(names)] for cache in self.prefix_caches]
+        for w, f in zip(self.windows, found):  # a global group's prefix ends at its first miss
+            if w is None and None in f:
+                limit = f.index(None)
+        for length in range(limit, 0, -1):  # a sliding group's window may miss at one length, not another
+            tables = [[b if i >= self.first_needed(w, length * bs) else NULL_BLOCK for i, b in enumerate(f[:length])]
+                      for w, f in zip(self.windows, found)]
+            if all(b is not None for table in tables for b in table):
+                return tables
+        return [[] for _ in self.windows]
 
-    def cost_of_hits(self, hits: list[list[int]]) -> int:
+    def cost_of_hits(self, hits: list[Tables]) -> int:
         """Free blocks that taking these cached blocks uses up (the idle ones)."""
-        return sum(1 for b in set(b for hit in hits for b in hit) if b in self.prefix_cache.evictable)
+        if self.prefix_caches is None:
+            return 0
+        taken = set(b for hit in hits for table in hit for b in table if b != NULL_BLOCK)
+        return sum(1 for b in taken if any(b in cache.evictable for cache in self.prefix_caches))
 
-    def use_cached(self, seq: Sequence, hit: list[int]) -> None:
-        """seq starts from its cached prefix: the blocks are its table, their tokens computed."""
-        seq.block_table = list(hit)
-        seq.num_cached_blocks = len(hit)
-        seq.num_computed_tokens = len(hit) * self.block_size
-        self.device_pool.fork(hit)
-        for b in hit:
-            self.prefix_cache.touch(b)
+    def use_cached(self, seq: Sequence, hit: Tables) -> None:
+        """seq starts from its cached prefix: the blocks are its tables, their tokens computed."""
+        seq.block_tables = [list(table) for table in hit]
+        seq.num_cached_blocks = len(hit[0])
+        seq.num_computed_tokens = len(hit[0]) * self.block_size
+        self.device_pool.fork(held_blocks(hit))
+        for cache, table in zip(self.prefix_caches, hit):
+            for b in table:
+                if b != NULL_BLOCK:
+                    cache.touch(b)
 
     def cache_full_blocks(self, seqs: list[Sequence]) -> None:
         """Name the blocks the sequences have filled since the last call, so later requests
         find them. A prefix computed twice at once is cached once."""
-        if self.prefix_cache is None:
+        if self.prefix_caches is None:
             return
         bs, newly_cached = self.block_size, []
         for seq in seqs:
-            full = min(seq.num_computed_tokens, seq.num_tokens, len(seq.block_table) * bs) // bs
+            tables = self.tables(seq)
+            full = min(seq.num_computed_tokens, seq.num_tokens, len(tables[0]) * bs) // bs
             names = self._names(seq, full)
-            for i in range(seq.num_cached_blocks, full):
-                parent = names[i - 1] if i else ROOT
-                if self.prefix_cache.insert(names[i], parent, seq.tokens(i * bs, (i + 1) * bs), seq.block_table[i]):
-                    newly_cached.append(seq.block_table[i])
+            for cache, table in zip(self.prefix_caches, tables):
+                for i in range(seq.num_cached_blocks, full):
+                    parent = names[i - 1] if i else ROOT
+                    if table[i] != NULL_BLOCK and cache.insert(names[i], parent, seq.tokens(i * bs, (i + 1) * bs),
+                                                               table[i]):
+                        newly_cached.append(table[i])
             seq.num_cached_blocks = max(seq.num_cached_blocks, full)
         self.device_pool.fork(newly_cached)  # the cache's own reference
 
@@ -287,19 +372,20 @@ class BlockManager:
     def can_swap_in(self, growth: list[tuple[Sequence, int]]) -> bool:
         """Their host blocks come back, plus what the next tokens need, keeping the watermark;
         each reference to a shared block counts, which is enough for any copy-on-write."""
-        return self.can_admit(sum(len(seq.block_table) + self.blocks_to_grow(seq, tokens) for seq, tokens in growth))
+        return self.can_admit(sum(len(held_blocks(seq.block_tables)) + self.blocks_to_grow(seq, tokens)
+                                  for seq, tokens in growth))
 
     def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         """Bring swapped sequences back: (host block, device block) pairs to copy."""
         return self._move(seqs, self.swap_pool, self.device_pool)
 
     def free_swapped(self, seqs: list[Sequence]) -> None:
-        self.swap_pool.free([b for seq in seqs for b in seq.block_table])
+        self.swap_pool.free([b for seq in seqs for b in held_blocks(seq.block_tables)])
         for seq in seqs:
-            seq.block_table = []
+            seq.block_tables = []
 
     def _move(self, seqs: list[Sequence], source: BlockPool, target: BlockPool) -> list[tuple[int, int]]:
-        held = [b for seq in seqs for b in seq.block_table]
+        held = [b for seq in seqs for b in held_blocks(seq.block_tables)]
         unique = list(dict.fromkeys(held))
         new = self._allocate(len(unique)) if target is self.device_pool else target.allocate(len(unique))
         assert new is not None, "caller checks room first"
@@ -309,19 +395,21 @@ class BlockManager:
             self._release(held)
         else:
             source.free(held)
+        mapping[NULL_BLOCK] = NULL_BLOCK
         for seq in seqs:
-            seq.block_table = [mapping[b] for b in seq.block_table]
+            seq.block_tables = [[mapping[b] for b in table] for table in seq.block_tables]
             seq.num_cached_blocks = 0
+        del mapping[NULL_BLOCK]
         return list(mapping.items())
 
     def check_no_leaks(self, live: list[Sequence]) -> None:
         """Every device block is free or held by exactly the live sequences' tables and the
-        prefix cache."""
+        prefix caches."""
         held = np.zeros(self.num_blocks, np.int64)
         for seq in live:
-            np.add.at(held, seq.block_table, 1)
-        if self.prefix_cache is not None:
-            np.add.at(held, list(self.prefix_cache.name_of), 1)
+            np.add.at(held, held_blocks(seq.block_tables), 1)
+        for cache in self.prefix_caches or []:
+            np.add.at(held, list(cache.name_of), 1)
         refs = self.device_pool.refs
         assert np.array_equal(refs, held), "block reference counts disagree with the block tables"
         assert self.device_pool.num_free == int((refs == 0).sum())

@@ -4,11 +4,12 @@ BlockManager (block_manager.py) or the paper's Orca baseline, ReservingBlockMana
 module only, so a comparison of memory managers changes nothing else. Also here: what both
 report, the cache's slots by use (Fig. 2's `MemoryUsage`), and the helpers over it.
 
-Blocks are named by integer ids. A sequence's `block_table` lists the blocks holding its K/V
-in order: device blocks while it runs, host blocks of the swap space while it is swapped out,
-none while it waits. Every method that changes memory is all or nothing: it answers False
-(or is not to be called, where a `can_` method says no) and changes nothing when memory is
-short.
+Blocks are named by integer ids. A sequence's `block_tables` list, per KV group (a set of
+layers whose K/V live equally long: model/cache.py), the blocks holding its K/V in order:
+device blocks while it runs, host blocks of the swap space while it is swapped out, none while
+it waits. A sliding-window group's entries before the window are NULL_BLOCK: freed. Every
+method that changes memory is all or nothing: it answers False (or is not to be called, where a
+`can_` method says no) and changes nothing when memory is short.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from paged_jax.sequence import Sequence, SequenceGroup
+
+NULL_BLOCK = -1  # a table entry whose block left its group's sliding window and was freed
+Tables = list[list[int]]  # per KV group, a block table
+
+
+def held_blocks(tables: Tables) -> list[int]:
+    """The blocks the tables hold, in order, NULL entries left out."""
+    return [b for table in tables for b in table if b != NULL_BLOCK]
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,12 @@ class KVCacheManager(Protocol):
         """Blocks a request could be given now (what is only held for reuse counts as free)."""
         ...
 
+    @property
+    def max_tokens_per_step(self) -> int | None:
+        """The most tokens one sequence may compute in a step (a sliding window bounds it so
+        that its blocks stay few), or None."""
+        ...
+
     def footprint(self, prompt_len: int, max_tokens: int, n: int) -> tuple[int, int]:
         """(blocks a request of n sequences takes at its longest, the most blocks any one request
         can take): a request whose first is over the second can never run."""
@@ -71,12 +86,13 @@ class KVCacheManager(Protocol):
 
     # -- admission and growth ------------------------------------------------------------------
 
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks holding a waiting sequence's longest cached prefix (none without a
-        prefix cache), leaving at least its last token to compute. Changes nothing."""
+    def cached_prefix(self, seq: Sequence, max_blocks: int | None = None) -> Tables:
+        """Per group, the cached blocks holding a waiting sequence's longest cached prefix of
+        at most max_blocks blocks (none without a prefix cache), leaving at least its last token
+        to compute. Changes nothing."""
         ...
 
-    def admit(self, group: SequenceGroup, hits: list[list[int]], targets: list[int]) -> bool:
+    def admit(self, group: SequenceGroup, hits: list[Tables], targets: list[int]) -> bool:
         """A waiting request's active sequences start from their cached prefixes (hits, from
         cached_prefix) and get the blocks to hold targets[i] tokens; or nothing changes and the
         answer is False."""

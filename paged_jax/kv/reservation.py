@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from paged_jax.kv.interface import MemoryUsage, final_length
+from paged_jax.kv.interface import MemoryUsage, Tables, final_length
 from paged_jax.sequence import Sequence, SequenceGroup
 
 POLICIES = ("max", "pow2", "oracle")
@@ -132,7 +132,7 @@ class ReservingBlockManager:
         chunk = _next_pow2(-(-self.reservation(prompt_len, max_tokens) // self.block_size))
         return n * chunk, sum(size // chunk * chunk for _, size in self.buddy.arena_of.values())
 
-    def admit(self, group: SequenceGroup, hits: list[list[int]], targets: list[int]) -> bool:
+    def admit(self, group: SequenceGroup, hits: list[Tables], targets: list[int]) -> bool:
         """Reserve a chunk for each of the request's n sequences and give the computing ones
         the blocks for their first tokens, or change nothing and say False."""
         tokens = self.reservation(len(group.prompt_token_ids), group.params.max_tokens)
@@ -155,14 +155,15 @@ class ReservingBlockManager:
         for seq, tokens in growth:
             chunk, _ = self.chunks[seq]
             assert tokens <= chunk.tokens, "a request grew past its reservation"
-            num_blocks = max(len(seq.block_table), -(-tokens // self.block_size))
-            seq.block_table = list(range(chunk.start, chunk.start + num_blocks))
+            held = len(seq.block_tables[0]) if seq.block_tables else 0
+            num_blocks = max(held, -(-tokens // self.block_size))
+            seq.block_tables = [list(range(chunk.start, chunk.start + num_blocks))]
         return True
 
     def free(self, seqs: list[Sequence]) -> None:
         """A sequence's chunk becomes its request's spare; the last one out frees them all."""
         for seq in seqs:
-            seq.block_table = []
+            seq.block_tables = []
             if seq not in self.chunks:
                 continue
             chunk, request = self.chunks.pop(seq)
@@ -176,8 +177,12 @@ class ReservingBlockManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        return []
+    @property
+    def max_tokens_per_step(self) -> int | None:
+        return None
+
+    def cached_prefix(self, seq: Sequence, max_blocks: int | None = None) -> Tables:
+        return [[]]
 
     def blocks_named_and_used(self, groups: list[SequenceGroup]) -> tuple[int, int]:
         """Nothing is shared (a reservation's rounding is not sharing)."""
@@ -193,10 +198,11 @@ class ReservingBlockManager:
         chunk = request.spare.pop()
         request.holders += 1
         self.chunks[child] = chunk, request
-        child.block_table = list(range(chunk.start, chunk.start + len(parent.block_table)))
+        (table,) = parent.block_tables
+        child.block_tables = [list(range(chunk.start, chunk.start + len(table)))]
         child.num_computed_tokens = parent.num_computed_tokens
         computed = -(-parent.num_computed_tokens // self.block_size)
-        self.pending_copies += list(zip(parent.block_table[:computed], child.block_table))
+        self.pending_copies += list(zip(table[:computed], child.block_tables[0]))
 
     # -- swapping: never, as nothing is preempted (grow always succeeds) -------------------------
 

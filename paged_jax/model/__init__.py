@@ -13,7 +13,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from paged_jax.model import sharding
-from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache, kv_dtype, layout_of
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.loader import Checkpoint, load_params, read_config, resolve_dtype
 from paged_jax.model.transformer import CausalLM
@@ -24,9 +24,10 @@ __all__ = ["CausalLM", "Model", "load_model", "random_model", "param_shapes"]
 
 @dataclass(frozen=True, eq=False)
 class Model:
-    """A loaded model: `forward(params, tokens, positions, kv_cache, metadata)` is jitted and
-    donates the KV cache, returning `(logits [num_seqs, vocab] float32, kv_cache)`. config
-    is the config as the mesh holds it (sharding.sharded_config)."""
+    """A loaded model: `forward(params, tokens, positions, kv_cache, metadata, logit_rows=None)`
+    is jitted and donates the KV cache, returning `(logits [num_seqs, vocab] float32, kv_cache)`
+    (or one row per logit_rows entry: CausalLM). config is the config as the mesh holds it
+    (sharding.sharded_config)."""
 
     config: ModelConfig
     module: CausalLM
@@ -35,18 +36,18 @@ class Model:
     forward: Callable
     mesh: Mesh
 
-    @property
-    def page_dtype(self) -> jnp.dtype:
-        """What the KV cache's pages hold: the model's dtype, or its bits where the attention
-        backend stores them so (pallas_kernels/xla_attention.py, bfloat16 on a CPU)."""
-        return self.module.backend.page_dtype(self.dtype)
+    def page_dtype(self, kv_cache_dtype: str = "auto") -> jnp.dtype:
+        """What the KV cache's pages are made of for vLLM's kv_cache_dtype: the model's dtype
+        ("auto") or an 8-bit one (cache.kv_dtype), or its bits where the attention backend
+        stores it so (pallas_kernels/xla_attention.py: bfloat16 and fp8 on a CPU)."""
+        return self.module.backend.page_dtype(kv_dtype(kv_cache_dtype, self.dtype))
 
 
 def make_forward(module: CausalLM, mesh: Mesh) -> Callable:
     """The jitted forward pass: logits replicated (the sampler sees the whole vocabulary on
     every device), the cache donated and returned with the sharding it came in."""
-    def forward(params, tokens, positions, kv_cache, metadata):
-        return module.apply({"params": params}, tokens, positions, kv_cache, metadata)
+    def forward(params, tokens, positions, kv_cache, metadata, logit_rows=None):
+        return module.apply({"params": params}, tokens, positions, kv_cache, metadata, logit_rows)
 
     return jax.jit(forward, donate_argnums=(3,),
                    out_shardings=(sharding.replicated(mesh), sharding.cache_sharding(mesh)))
@@ -55,7 +56,8 @@ def make_forward(module: CausalLM, mesh: Mesh) -> Callable:
 def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict[str, tuple[int, ...]]:
     """Our parameter paths and shapes for a config, from an abstract initialisation."""
     module = CausalLM(config, get_backend("xla"), param_dtype=dtype)
-    positions, meta = build_metadata([SequenceChunk([0], 0, 1)], block_size=1, max_blocks_per_seq=1)
+    groups = len(layout_of(config).windows)
+    positions, meta = build_metadata([SequenceChunk([[0]] * groups, 0, 1)], block_size=1, max_blocks_per_seq=1)
     tokens = jnp.zeros(1, jnp.int32)
 
     def init():

@@ -80,12 +80,40 @@ class Checkpoint:
         return f"{key} in {self.files[key].name}"
 
 
+# Per family: the prefix of the model's tensors, its embedding, its final norm, its LM head.
+OUTER_NAMES = {
+    "gpt2": ("transformer.", "wte", "ln_f", "lm_head"),
+    "opt": ("model.decoder.", "embed_tokens", "final_layer_norm", "lm_head"),
+    "llama": ("model.", "embed_tokens", "norm", "lm_head"),
+    "phi3": ("model.", "embed_tokens", "norm", "lm_head"),
+    "gpt_neox": ("gpt_neox.", "embed_in", "final_layer_norm", "embed_out"),
+}
+
+# How hub checkpoints name a sparse layer's tensors: its block (router `gate` and `experts`),
+# then each expert's gate, up and down projections.
+EXPERT_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+    "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+
 # A rule: the Hugging Face tensors that build one of our parameters, and how.
 Rule = tuple[tuple[str, ...], Callable[..., jax.Array]]
 
 
 def _linear(*weights):  # torch Linear [out, in] (several fused along out) -> Dense kernel [in, out]
     return jnp.concatenate(weights, axis=0).T if len(weights) > 1 else weights[0].T
+
+
+def _transposed(weights):  # torch Linear weights stacked [experts, out, in] -> kernels [experts, in, out]
+    return weights.swapaxes(-1, -2)
+
+
+def _stacked(per_expert: int):
+    """A tensor per expert and projection, expert by expert -> one [experts, in, out] kernel,
+    each expert's `per_expert` projections fused along out as _linear fuses them."""
+    def stack(*weights):
+        return jnp.stack([_linear(*weights[e : e + per_expert]) for e in range(0, len(weights), per_expert)])
+    return stack
 
 
 def _cat(*arrays):
@@ -132,8 +160,27 @@ def _norm(rules, ours: str, hf: str, config: ModelConfig):
         rules[f"{ours}/bias"] = ((hf + ".bias",), _same)
 
 
-def weight_rules(config: ModelConfig) -> dict[str, Rule]:
-    """Our parameter path ('layers_0/attn/qkv_proj/kernel') -> its rule."""
+def _experts(rules, ours: str, hf: str, config: ModelConfig, fused: bool):
+    """A sparse layer's router and stacked experts (moe.py), gate/up as (gate, up) pairs. Hub
+    checkpoints hold a tensor per expert and projection; transformers 5 can also save them
+    fused (save_original_format=False): gate|up as one [experts, 2 * width, hidden] tensor,
+    down as one [experts, hidden, width], under `mlp` whatever the architecture."""
+    if fused:
+        rules[f"{ours}/router/kernel"] = ((f"{hf}.mlp.gate.weight",), _linear)
+        rules[f"{ours}/experts/gate_up_proj/kernel"] = ((f"{hf}.mlp.experts.gate_up_proj",), _pairs(_transposed))
+        rules[f"{ours}/experts/down_proj/kernel"] = ((f"{hf}.mlp.experts.down_proj",), _transposed)
+        return
+    block, gate, up, down = EXPERT_NAMES[config.architecture]
+    experts = [f"{hf}.{block}.experts.{e}" for e in range(config.num_experts)]
+    rules[f"{ours}/router/kernel"] = ((f"{hf}.{block}.gate.weight",), _linear)
+    rules[f"{ours}/experts/gate_up_proj/kernel"] = (tuple(f"{x}.{p}.weight" for x in experts for p in (gate, up)),
+                                                    _pairs(_stacked(2)))
+    rules[f"{ours}/experts/down_proj/kernel"] = (tuple(f"{x}.{down}.weight" for x in experts), _stacked(1))
+
+
+def weight_rules(config: ModelConfig, fused_experts: bool = False) -> dict[str, Rule]:
+    """Our parameter path ('layers_0/attn/qkv_proj/kernel') -> its rule. fused_experts: the
+    checkpoint saves each sparse layer's experts fused (_experts)."""
     c, rules = config, {}
     qkv_layout = functools.partial(_qkv, c)
     for i in range(c.num_layers):
@@ -155,20 +202,40 @@ def weight_rules(config: ModelConfig) -> dict[str, Rule]:
             _dense(rules, f"{ours}/mlp/fc2", (f"{hf}.fc2",), _linear, c.mlp_bias)
             _norm(rules, f"{ours}/attn_norm", f"{hf}.self_attn_layer_norm", c)
             _norm(rules, f"{ours}/mlp_norm", f"{hf}.final_layer_norm", c)
-        else:
-            hf = f"model.layers.{i}"
-            qkv = tuple(f"{hf}.self_attn.{p}_proj" for p in "qkv")
-            _dense(rules, f"{ours}/attn/qkv_proj", qkv, _linear, c.qkv_bias, qkv_layout)
-            _dense(rules, f"{ours}/attn/o_proj", (f"{hf}.self_attn.o_proj",), _linear, c.out_bias)
-            gate_up = (f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj")
-            _dense(rules, f"{ours}/mlp/gate_up_proj", gate_up, _linear, c.mlp_bias, _pairs)
-            _dense(rules, f"{ours}/mlp/down_proj", (f"{hf}.mlp.down_proj",), _linear, c.mlp_bias)
+        elif c.family == "gpt_neox":  # query_key_value's columns are (q, k, v) per head: our layout
+            hf = f"gpt_neox.layers.{i}"
+            _dense(rules, f"{ours}/attn/qkv_proj", (f"{hf}.attention.query_key_value",), _linear, c.qkv_bias)
+            _dense(rules, f"{ours}/attn/o_proj", (f"{hf}.attention.dense",), _linear, c.out_bias)
+            _dense(rules, f"{ours}/mlp/fc1", (f"{hf}.mlp.dense_h_to_4h",), _linear, c.mlp_bias)
+            _dense(rules, f"{ours}/mlp/fc2", (f"{hf}.mlp.dense_4h_to_h",), _linear, c.mlp_bias)
             _norm(rules, f"{ours}/attn_norm", f"{hf}.input_layernorm", c)
             _norm(rules, f"{ours}/mlp_norm", f"{hf}.post_attention_layernorm", c)
+        else:  # llama, phi3
+            hf = f"model.layers.{i}"
+            attn, mlp = f"{hf}.self_attn", f"{hf}.mlp"
+            if c.family == "phi3":  # q|k|v and gate|up saved as one tensor each
+                qkv, gate_up = (f"{attn}.qkv_proj",), (f"{mlp}.gate_up_proj",)
+            else:
+                qkv, gate_up = tuple(f"{attn}.{p}_proj" for p in "qkv"), (f"{mlp}.gate_proj", f"{mlp}.up_proj")
+            _dense(rules, f"{ours}/attn/qkv_proj", qkv, _linear, c.qkv_bias, qkv_layout)
+            _dense(rules, f"{ours}/attn/o_proj", (f"{attn}.o_proj",), _linear, c.out_bias)
+            if c.qk_norm:
+                _norm(rules, f"{ours}/attn/q_norm", f"{attn}.q_norm", c)
+                _norm(rules, f"{ours}/attn/k_norm", f"{attn}.k_norm", c)
+            if i in c.sparse_layers:
+                _experts(rules, f"{ours}/mlp", hf, c, fused_experts)
+            else:
+                _dense(rules, f"{ours}/mlp/gate_up_proj", gate_up, _linear, c.mlp_bias, _pairs)
+                _dense(rules, f"{ours}/mlp/down_proj", (f"{mlp}.down_proj",), _linear, c.mlp_bias)
+            _norm(rules, f"{ours}/attn_norm", f"{hf}.input_layernorm", c)
+            if c.sandwich_norms:  # Gemma's post_attention_layernorm normalises the attention output
+                _norm(rules, f"{ours}/attn_out_norm", f"{hf}.post_attention_layernorm", c)
+                _norm(rules, f"{ours}/mlp_norm", f"{hf}.pre_feedforward_layernorm", c)
+                _norm(rules, f"{ours}/mlp_out_norm", f"{hf}.post_feedforward_layernorm", c)
+            else:
+                _norm(rules, f"{ours}/mlp_norm", f"{hf}.post_attention_layernorm", c)
 
-    top = {"gpt2": "transformer.", "opt": "model.decoder.", "llama": "model."}[c.family]
-    embed, final = {"gpt2": ("wte", "ln_f"), "opt": ("embed_tokens", "final_layer_norm"),
-                    "llama": ("embed_tokens", "norm")}[c.family]
+    top, embed, final, head = OUTER_NAMES[c.family]
     rules["embed/embedding"] = ((f"{top}{embed}.weight",), _same)
     if c.learned_positions:
         table = "wpe" if c.family == "gpt2" else "embed_positions"
@@ -179,7 +246,7 @@ def weight_rules(config: ModelConfig) -> dict[str, Rule]:
         _dense(rules, "project_in", (f"{top}project_in",), _linear, False)
         _dense(rules, "project_out", (f"{top}project_out",), _linear, False)
     if not c.tie_word_embeddings:
-        _dense(rules, "lm_head", ("lm_head",), _linear, False)
+        _dense(rules, "lm_head", (head,), _linear, False)
     return rules
 
 
@@ -188,7 +255,8 @@ def load_params(checkpoint: Checkpoint, config: ModelConfig, expected: dict, dty
     """Build every parameter by its rule, checking it against `expected` (path -> shape).
     place(path, array) -> array puts each one where it lives (its shards on their devices) as
     soon as it is built."""
-    rules = weight_rules(config)
+    fused_experts = any(key.endswith(".experts.gate_up_proj") for key in checkpoint.files)
+    rules = weight_rules(config, fused_experts)
     assert set(rules) == set(expected), sorted(set(rules) ^ set(expected))
     flat = {}
     for path, (keys, combine) in rules.items():

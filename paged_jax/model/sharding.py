@@ -28,7 +28,6 @@ different times) is turned off instead.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -56,17 +55,22 @@ _COMMON = (
     (r"^embed/embedding$", P(TP, None)),
     (r"^lm_head/kernel$", P(None, TP)),
 )
-_DENSE_MLP = _COMMON + (  # GPT-2, OPT: fc1 -> activation -> fc2
+_DENSE_MLP = _COMMON + (  # GPT-2, OPT, GPT-NeoX: fc1 -> activation -> fc2
     (r"mlp/fc1/(kernel|bias)$", P(None, TP)),
     (r"mlp/fc2/kernel$", P(TP, None)),
 )
-_GATED_MLP = _COMMON + (  # Llama, Mistral, Qwen2: down(act(gate) * up)
+_GATED_MLP = _COMMON + (  # the Llama family, Gemma: down(act(gate) * up)
     (r"mlp/gate_up_proj/(kernel|bias)$", P(None, TP)),
     (r"mlp/down_proj/kernel$", P(TP, None)),
+    # A mixture of experts (Mixtral, Qwen3-MoE): kernels [experts, in, out], each expert split
+    # as the MLP is (moe.py); the router is replicated, every device routes every token.
+    (r"mlp/experts/gate_up_proj/kernel$", P(None, None, TP)),
+    (r"mlp/experts/down_proj/kernel$", P(None, TP, None)),
 )
 # Everything else (norms, biases added after a row-parallel product, position tables,
 # OPT-350m's projections) is replicated.
-RULES: dict[str, tuple[tuple[str, P], ...]] = {"gpt2": _DENSE_MLP, "opt": _DENSE_MLP, "llama": _GATED_MLP}
+RULES: dict[str, tuple[tuple[str, P], ...]] = {"gpt2": _DENSE_MLP, "opt": _DENSE_MLP, "gpt_neox": _DENSE_MLP,
+                                               "llama": _GATED_MLP, "phi3": _GATED_MLP}
 VOCABULARY = (r"^embed/embedding$", r"^lm_head/kernel$")  # split; replicated with vocab_parallel=False
 
 
@@ -110,12 +114,13 @@ def kv_layout(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
 
 def sharded_config(config: ModelConfig, tp: int) -> ModelConfig:
     """The config the model is built with on T devices: KV heads as the devices hold them
-    (T x KV heads per device, replicas included), intermediate size and vocabulary padded to
-    a multiple of T."""
+    (T x KV heads per device, replicas included), intermediate sizes (the MLP's, the experts')
+    and vocabulary padded to a multiple of T."""
     local_kv, _ = kv_layout(config.num_heads, config.num_kv_heads, tp)
     vocab = -(-config.vocab_size // tp) * tp
     return dataclasses.replace(
         config, num_kv_heads=tp * local_kv, intermediate_size=-(-config.intermediate_size // tp) * tp,
+        moe_intermediate_size=-(-config.moe_intermediate_size // tp) * tp,
         padded_vocab_size=vocab if vocab != config.vocab_size else None)
 
 
@@ -221,12 +226,18 @@ def shard_backend(backend: AttentionBackend, mesh: Mesh) -> AttentionBackend:
     """The backend's four functions run per shard: each device attends with its query heads
     over its KV heads, writes and copies blocks in its own pages. Block tables, lengths,
     slot mappings and block ids are replicated."""
-    heads, pages, same = P(None, TP, None), P(TP), P()  # [tokens, heads, D]; [heads, blocks, B, D]
+    heads, pages, same = P(None, TP, None), P(TP), P()  # [tokens, heads, D]; [heads, blocks, B, (D)]
+    scales = ("k_scales", "v_scales")  # int8 pages' scales (or None), split with their pages
 
     def per_shard(fn, in_specs, out_specs):
-        def run(*args, **static):
-            return jax.shard_map(functools.partial(fn, **static), mesh=mesh, in_specs=in_specs,
-                                 out_specs=out_specs, check_vma=False)(*args)
+        def run(*args, **options):
+            split = {name: options.pop(name) for name in scales if name in options}
+
+            def body(*arrays):
+                return fn(*arrays[: len(args)], **dict(zip(split, arrays[len(args):])), **options)
+
+            return jax.shard_map(body, mesh=mesh, in_specs=in_specs[: len(args)] + (pages,) * len(split),
+                                 out_specs=out_specs, check_vma=False)(*args, *split.values())
         return run
 
     return dataclasses.replace(
@@ -234,8 +245,8 @@ def shard_backend(backend: AttentionBackend, mesh: Mesh) -> AttentionBackend:
         paged_attention=per_shard(backend.paged_attention, (heads, pages, pages, same, same), heads),
         ragged_paged_attention=per_shard(backend.ragged_paged_attention,
                                          (heads, pages, pages, same, same, same), heads),
-        write_kv=per_shard(backend.write_kv, (pages, pages, heads, heads, same), (pages, pages)),
-        copy_blocks=per_shard(backend.copy_blocks, (pages, pages, same, same), (pages, pages)),
+        write_kv=per_shard(backend.write_kv, (pages, pages, heads, heads, same, pages, pages), (pages,) * 4),
+        copy_blocks=per_shard(backend.copy_blocks, (pages, pages, same, same, pages, pages), (pages,) * 4),
     )
 
 

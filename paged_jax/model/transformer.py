@@ -1,10 +1,13 @@
-"""One decoder-only transformer for GPT-2, OPT and the Llama family, on the paged KV cache.
+"""One decoder-only transformer for GPT-2, OPT, GPT-NeoX, the Llama family and Gemma, on the
+paged KV cache.
 
 The architectures share every code path where their math is the same; `ModelConfig` switches
-select the differences (positions, norm kind and placement, MLP shape, biases, tied head).
+select the differences (positions, norm kind and placement, residual shape, MLP shape (dense,
+or a mixture of experts on sparse layers: moe.py), biases, score and logit scaling, tied head).
 Attention runs over a ragged batch: each sequence contributes any number of new tokens (a
-prompt, a prompt chunk, one decode token), writes their K/V into their cache slots, and
-attends to its whole cached context through the chosen kernel backend.
+prompt, a prompt chunk, one decode token), writes their K/V into their cache slots, and attends
+to its cached context (the whole of it, or the last `sliding_window` tokens on a sliding layer)
+through the chosen kernel backend.
 
 Parameter layout, shared by the loader: q/k/v are one fused `qkv_proj` and Llama's gate/up
 one `gate_up_proj`, so each is a single matrix product. Their output columns are grouped so
@@ -21,32 +24,16 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from paged_jax.model.cache import AttentionMetadata, KVCache
+from paged_jax.model.cache import AttentionMetadata, KVCache, KVPool, layout_of
 from paged_jax.model.config import ModelConfig
+from paged_jax.model.moe import MoE
+from paged_jax.model.numerics import ACTIVATION_FNS, dot_general
 from pallas_kernels import AttentionBackend
-
-ACTIVATION_FNS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """Every matrix product of the model: accumulated in float32 and rounded to the inputs'
-    dtype, as PyTorch computes half precision. For bfloat16 on a CPU it is also what makes it
-    fast: XLA's bfloat16 x bfloat16 -> float32 product uses the CPU's bfloat16 instructions
-    (2-3x float32's speed here), while a bfloat16 result takes a slower path (slower than
-    float32 at 8 and 256 rows; experiments/results/dtype_cpu.md). float32 is unchanged."""
-    out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
-    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm, computed in float32 as Hugging Face does, cast back after."""
+    """LayerNorm or RMSNorm, computed in float32 as Hugging Face does, cast back after. Llama's
+    RMSNorm casts before it scales; Gemma's scales by (norm_offset + weight), then casts."""
 
     config: ModelConfig
     param_dtype: jnp.dtype
@@ -58,6 +45,8 @@ class Norm(nn.Module):
         x32 = x.astype(jnp.float32)
         if c.norm == "rmsnorm":
             normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps)
+            if c.norm_offset:
+                return (normed * (c.norm_offset + scale.astype(jnp.float32))).astype(x.dtype)
             return scale * normed.astype(x.dtype)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
         mean = x32.mean(axis=-1, keepdims=True)
@@ -67,19 +56,22 @@ class Norm(nn.Module):
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, Hugging Face's half-split convention. x [T, heads, D], positions [T]."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)  # [T, D/2]
+    """Rotary embedding, Hugging Face's half-split convention, over the leading 2 * len(inv_freq)
+    dims of each head; the rest pass through (partial rotary). x [T, heads, D], positions [T]."""
+    rotary = 2 * len(inv_freq)
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)  # [T, rotary/2]
     cos = jnp.cos(freqs)[:, None, :]
     sin = jnp.sin(freqs)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x[..., :rotary].astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary:]], axis=-1)
 
 
 class Attention(nn.Module):
     config: ModelConfig
     backend: AttentionBackend
     param_dtype: jnp.dtype
+    layer: int  # which layer: its window and its rotary frequencies
 
     @nn.compact
     def __call__(self, x, positions, kv, meta: AttentionMetadata):
@@ -91,17 +83,21 @@ class Attention(nn.Module):
         qkv = qkv.reshape(num_tokens, c.num_kv_heads, group + 2, c.head_dim)  # per KV head: q..., k, v
         q = qkv[:, :, :group].reshape(num_tokens, c.num_heads, c.head_dim)
         k, v = qkv[:, :, group], qkv[:, :, group + 1]  # [T, Hkv, D]
+        if c.qk_norm:
+            q = Norm(c, self.param_dtype, name="q_norm")(q)
+            k = Norm(c, self.param_dtype, name="k_norm")(k)
         if not c.learned_positions:
-            inv_freq = c.rope_inv_freq()
+            inv_freq = c.rope_inv_freq(self.layer)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = self.backend.write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        kv = KVPool(*self.backend.write_kv(kv.k, kv.v, k, v, meta.slot_mapping, kv.k_scales, kv.v_scales))
         out = self.backend.ragged_paged_attention(
-            q, k_pages, v_pages, meta.block_tables, meta.context_lens, meta.cu_q_lens,
-            max_q_len=meta.max_q_len,
+            q, kv.k, kv.v, meta.block_tables, meta.context_lens, meta.cu_q_lens, k_scales=kv.k_scales,
+            v_scales=kv.v_scales, max_q_len=meta.max_q_len, sm_scale=c.attn_scale,
+            sliding_window=c.window_of(self.layer), soft_cap=c.attn_soft_cap,
         )  # [T, Hq, D]
         out = nn.Dense(c.hidden_size, use_bias=c.out_bias, param_dtype=self.param_dtype, dot_general=dot_general,
                        name="o_proj")(out.reshape(num_tokens, q_size))
-        return out, (k_pages, v_pages)
+        return out, kv
 
 
 class MLP(nn.Module):
@@ -126,40 +122,52 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     backend: AttentionBackend
     param_dtype: jnp.dtype
+    layer: int
 
     @nn.compact
     def __call__(self, x, positions, kv, meta):
-        attn = Attention(self.config, self.backend, self.param_dtype, name="attn")
-        mlp = MLP(self.config, self.param_dtype, name="mlp")
-        attn_norm = Norm(self.config, self.param_dtype, name="attn_norm")
-        mlp_norm = Norm(self.config, self.param_dtype, name="mlp_norm")
-        if self.config.pre_norm:
+        c = self.config
+        attn = Attention(c, self.backend, self.param_dtype, self.layer, name="attn")
+        mlp = (MoE if self.layer in c.sparse_layers else MLP)(c, self.param_dtype, name="mlp")
+        attn_norm = Norm(c, self.param_dtype, name="attn_norm")
+        mlp_norm = Norm(c, self.param_dtype, name="mlp_norm")
+
+        def out_norm(name):  # Gemma normalises each branch's output before it joins the residual
+            return Norm(c, self.param_dtype, name=name) if c.sandwich_norms else (lambda h: h)
+
+        if c.pre_norm:
             h, kv = attn(attn_norm(x), positions, kv, meta)
-            x = x + h
-            return x + mlp(mlp_norm(x)), kv
+            if c.parallel_residual:  # GPT-NeoX: both branches read the layer's input
+                return x + h + mlp(mlp_norm(x)), kv
+            x = x + out_norm("attn_out_norm")(h)
+            return x + out_norm("mlp_out_norm")(mlp(mlp_norm(x))), kv
         h, kv = attn(x, positions, kv, meta)  # OPT-350m: normalise after each residual add
         x = attn_norm(x + h)
         return mlp_norm(x + mlp(x)), kv
 
 
 class CausalLM(nn.Module):
-    """`apply({'params': p}, tokens, positions, kv_cache, meta) -> (logits, kv_cache)`.
+    """`apply({'params': p}, tokens, positions, kv_cache, meta, logit_rows=None) -> (logits, kv_cache)`.
 
-    tokens, positions: int32[num_tokens]. Logits (float32 [num_seqs, vocab]) only for each
-    sequence's last token in the batch, the one that is sampled; a whole prompt's logits
-    would cost a [prompt_len, vocab] product for nothing."""
+    tokens, positions: int32[num_tokens]. Logits (float32 [len(logit_rows), vocab]) only for
+    the tokens at logit_rows (int32 indices into tokens); by default each sequence's last
+    token in the batch, the one that is sampled, since a whole prompt's logits would cost a
+    [prompt_len, vocab] product for nothing. A prompt's own logprobs
+    (SamplingParams.prompt_logprobs) are what asks for every token's."""
 
     config: ModelConfig
     backend: AttentionBackend
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata):
+    def __call__(self, tokens, positions, kv_cache: KVCache, meta: AttentionMetadata, logit_rows=None):
         c = self.config
         vocab = c.padded_vocab_size or c.vocab_size  # padded: a multiple of the devices it is split over
         embed = nn.Embed(vocab, c.embed_dim or c.hidden_size, param_dtype=self.param_dtype,
                          name="embed")
         x = embed(tokens)
+        if c.scale_embeddings:  # by sqrt(hidden_size) rounded to the dtype, as Gemma does
+            x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         if c.embed_dim:
             x = nn.Dense(c.hidden_size, use_bias=False, param_dtype=self.param_dtype, dot_general=dot_general,
                          name="project_in")(x)
@@ -167,12 +175,14 @@ class CausalLM(nn.Module):
             table = nn.Embed(c.max_position_embeddings + c.position_offset, c.hidden_size,
                              param_dtype=self.param_dtype, name="positions")
             x = x + table(positions + c.position_offset)
-        new_cache = []
-        for i, kv in enumerate(kv_cache):
-            x, kv = DecoderLayer(c, self.backend, self.param_dtype, name=f"layers_{i}")(x, positions, kv, meta)
-            new_cache.append(kv)
-        last = jnp.maximum(meta.cu_q_lens[1:] - 1, 0)  # [num_seqs]
-        x = x[last]
+        layout, cache = layout_of(c), list(kv_cache)
+        for i in range(c.num_layers):  # each layer reads its KV group's tables and writes its pool
+            pool, group = layout.pool_of[i], meta.group(layout.group_of[i])
+            x, cache[pool] = DecoderLayer(c, self.backend, self.param_dtype, i, name=f"layers_{i}")(
+                x, positions, cache[pool], group)
+        if logit_rows is None:
+            logit_rows = jnp.maximum(meta.cu_q_lens[1:] - 1, 0)  # [num_seqs]: each sequence's last token
+        x = x[logit_rows]
         if c.final_norm:
             x = Norm(c, self.param_dtype, name="final_norm")(x)
         if c.embed_dim:
@@ -183,4 +193,6 @@ class CausalLM(nn.Module):
         else:
             logits = nn.Dense(vocab, use_bias=False, param_dtype=self.param_dtype, dot_general=dot_general,
                               name="lm_head")(x)
-        return logits[:, : c.vocab_size].astype(jnp.float32), tuple(new_cache)
+        if c.final_soft_cap:
+            logits = c.final_soft_cap * jnp.tanh(logits / c.final_soft_cap)
+        return logits[:, : c.vocab_size].astype(jnp.float32), tuple(cache)

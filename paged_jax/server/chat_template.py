@@ -63,11 +63,15 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Raises ChatTemplateError when the template refuses the messages (e.g. roles that do
-        not alternate) or fails on them."""
+        """The template sees what `apply_chat_template` gives it: a message's keys whose value is
+        None left out (so OpenAI's `content: null` reads as no content, not the text "None"), and
+        `tools` and `documents` set to None unless given (templates test `tools is not none`).
+        Raises ChatTemplateError when the template refuses the messages (e.g. roles that do not
+        alternate) or fails on them."""
+        messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
+        variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **{**self.special_tokens, **kwargs})
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as error:
             raise ChatTemplateError(f"the chat template refused the messages: {error}") from None
         except (TypeError, KeyError, AttributeError, IndexError, ValueError) as error:

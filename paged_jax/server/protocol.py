@@ -90,8 +90,8 @@ class SamplingFields(OpenAIModel):
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None  # how many top tokens to return with each sampled one
+    max_tokens: StrictInt | None = 16  # 0 only with echo: the prompt alone, as vLLM allows (for scoring)
+    logprobs: StrictInt | None = None  # how many top tokens to return with each (with echo, the prompt's too)
     echo: StrictBool = False
 
 

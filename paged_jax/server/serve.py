@@ -4,9 +4,11 @@ OpenAI-compatible server, as `vllm serve` runs it.
 Every EngineArgs field is a flag spelled as vLLM spells it (`block_size` -> `--block-size`,
 booleans as `--enable-prefix-caching` / `--no-enable-prefix-caching`), made from the
 dataclass itself so a new engine setting is a new flag without touching this file. MODEL
-defaults to the embedded `models/stdlib-llama`. The server listens on 127.0.0.1 unless told
-otherwise (`--host 0.0.0.0` is a decision, not a default) and prints its URL once it accepts
-connections; `--port 0` takes a free port and prints which.
+defaults to the embedded `models/stdlib-llama`; a Hugging Face Hub id is downloaded (or found
+in the cache) once, before anything loads, and the API names the model as given, as vLLM's
+served model name does. The server listens on 127.0.0.1 unless told otherwise (`--host
+0.0.0.0` is a decision, not a default) and prints its URL once it accepts connections;
+`--port 0` takes a free port and prints which.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from paged_jax.engine import multihost
 from paged_jax.engine.async_llm_engine import AsyncLLMEngine
 from paged_jax.engine.data_parallel import make_engine
 from paged_jax.engine_args import BATCHING, MEMORY_MANAGERS, PREEMPTION_MODES, EngineArgs
+from paged_jax.model import hub
 from paged_jax.server.app import DEFAULT_MAX_BODY_BYTES, ServerConfig, build_app
 from paged_jax.server.chat_template import load_chat_template
 from paged_jax.server.metrics import ServingMetrics
@@ -40,7 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paged-jax serve", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", nargs="?", default=None,
-                        help=f"Hugging Face checkpoint directory; none: the embedded {DEFAULT_MODEL.name}")
+                        help="Hugging Face checkpoint directory, or Hub id (org/name: see --revision, "
+                             f"--download-dir); none: the embedded {DEFAULT_MODEL.name}")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = engine_args(args, model)
         settings.validate()
-        chat_template = load_chat_template(args.tokenizer or model, args.chat_template)
+        settings = hub.resolve(settings)  # before the chat template is read; make_engine finds local paths
+        chat_template = load_chat_template(settings.tokenizer or settings.model, args.chat_template)
     except (ValueError, OSError) as error:
         print(f"paged-jax serve: {error}", file=sys.stderr)
         return 2

@@ -84,14 +84,14 @@ class ChoiceDelta:
     prompt: int  # which of the job's prompts
     output: CompletionOutput
     text: str  # the text not sent before
-    offset: int  # where `text` starts in output.text
     first_token: int  # the first token not sent before
     first: bool  # nothing was sent for this choice before
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # the request's (RequestOutput's)
 
     @classmethod
-    def whole(cls, prompt: int, output: CompletionOutput) -> ChoiceDelta:
+    def whole(cls, prompt: int, output: RequestOutput, choice: CompletionOutput) -> ChoiceDelta:
         """A finished choice sent at once (a response that is not streamed)."""
-        return cls(prompt, output, output.text, 0, 0, True)
+        return cls(prompt, choice, choice.text, 0, True, output.prompt_logprobs)
 
 
 @dataclass
@@ -242,11 +242,11 @@ class OpenAIServing:
                     state = states[(i, c.index)]
                     if state.finished:
                         continue
-                    text, offset = _new_text(c, state, holdback)
+                    text = _new_text(c, state, holdback)
                     new_tokens = len(c.token_ids) - state.tokens
                     if not (text or c.finish_reason or (echo and not state.started) or (logprobs and new_tokens)):
                         continue
-                    delta = ChoiceDelta(i, c, text, offset, state.tokens, not state.started)
+                    delta = ChoiceDelta(i, c, text, state.tokens, not state.started, output.prompt_logprobs)
                     state.started, state.tokens, state.finished = True, len(c.token_ids), c.finish_reason is not None
                     if state.finished:
                         job.completion_tokens += len(c.token_ids)
@@ -318,13 +318,13 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             task.cancel()
 
 
-def _new_text(c: CompletionOutput, state: _ChoiceState, holdback: int) -> tuple[str, int]:
+def _new_text(c: CompletionOutput, state: _ChoiceState, holdback: int) -> str:
     """The text not yet sent (all of it once the choice is finished; otherwise without the
-    last `holdback` characters, which a stop string could still cut) and where it starts."""
+    last `holdback` characters, which a stop string could still cut)."""
     end = len(c.text) if c.finish_reason is not None else max(state.chars, len(c.text) - holdback)
     start = state.chars
     state.chars = max(state.chars, end)
-    return c.text[start:end], start
+    return c.text[start:end]
 
 
 def _event(payload: BaseModel) -> str:

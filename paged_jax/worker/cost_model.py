@@ -6,7 +6,8 @@ the engine's own; only the tokens and the time are made up:
 - a row samples token 0, unless it asks for logprobs (a beam search's rows do): then its
   candidates are tokens 0..k-1 with the log-softmax of normal logits of spread `logit_spread`
   as log-probabilities, and it samples the most likely. The spread decides how often beams
-  share ancestors, hence how much block sharing saves.
+  share ancestors, hence how much block sharing saves. A prompt token whose logprob is asked
+  for (prompt logprobs) is certain: logprob 0, rank 1.
 - a step takes fixed + per_token x tokens computed + per_context_token x K/V tokens read
   (`CostModel`): reading the weights once per step, the matmuls per token, attention per cached
   token. A decode loop of k steps costs k steps; a block copied (a fork without sharing)
@@ -24,7 +25,15 @@ import numpy as np
 from paged_jax.core.scheduler import SamplerRow, SchedulerOutput
 from paged_jax.core.step_record import StepRecord
 from paged_jax.engine_args import EngineArgs
-from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepListener, StepResult
+from paged_jax.worker.executor import (
+    CompileStats,
+    ExecutorSpec,
+    Sampled,
+    StepCounters,
+    StepListener,
+    StepResult,
+    prompt_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,17 @@ class CostModelExecutor:
         context = sum(c.num_cached + c.num_new for c in out.chunks)
         seconds = steps * self.cost.seconds(out.num_tokens, context)
         seconds += 2 * self.cost.per_context_token * self.block_size * len(out.copies)
-        return StepResult([s[:steps] for s in sampled], seconds)
+        return StepResult([s[:steps] for s in sampled], seconds, self._score_prompts(out))
+
+    @staticmethod
+    def _score_prompts(out: SchedulerOutput) -> dict[int, list[Sampled]]:
+        """The step's scored prompt tokens (executor.prompt_positions), each certain."""
+        prompt = {}
+        for i, chunk in enumerate(out.chunks):
+            tokens, top = chunk.group.prompt_token_ids, chunk.group.params.prompt_logprobs
+            if positions := prompt_positions(chunk):
+                prompt[i] = [Sampled(tokens[p + 1], 0.0, 1, [(tokens[p + 1], 0.0)][:top]) for p in positions]
+        return prompt
 
     def _sample(self, logprobs: int | None, num_steps: int) -> list[Sampled]:
         if not logprobs:

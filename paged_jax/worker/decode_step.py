@@ -47,9 +47,9 @@ def _decode_step(module, block_size, params, state: DecodeState, kv_cache, meta:
     tokens are computed and dropped. Returns the step's SamplerOutput [rows, ...], the next
     step's state and the cache."""
     rows = jnp.arange(state.tokens.shape[0])
-    real = meta.slot_mapping >= 0  # padding rows stay padding
+    real = meta.slot_mapping[0] >= 0  # padding rows stay padding
     positions = state.positions
-    block = meta.block_tables[rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]
+    block = meta.block_tables[:, rows, jnp.clip(positions, 0, jnp.maximum(limit - 1, 0)) // block_size]  # [G, S]
     slots = jnp.where(real & (positions < limit), block * block_size + positions % block_size, -1)
     step_meta = meta.replace(context_lens=state.context_lens, slot_mapping=slots)
     logits, kv_cache = module.apply({"params": params}, state.tokens, positions, kv_cache, step_meta)

@@ -15,23 +15,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from paged_jax.core.scheduler import SamplerRow, SchedulerOutput
+from paged_jax.core.scheduler import SamplerRow, ScheduledChunk, SchedulerOutput
 
 
 @dataclass(frozen=True)
 class ExecutorSpec:
     """What the engine plans with: the cache's blocks, the longest sequence it may hold, the
-    vocabulary prompts are checked against and the model's own end-of-sequence ids."""
+    vocabulary prompts are checked against, the model's own end-of-sequence ids, the sliding
+    window of each KV group (model/cache.py; None: global attention) and what a block costs."""
 
     num_blocks: int
     num_swap_blocks: int
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...] = ()
+    kv_windows: tuple[int | None, ...] = (None,)
+    kv_bytes_per_block: int = 0  # device memory one block takes, pages and scales, on all devices
 
 
 @dataclass
 class Sampled:
+    """A token and its scores: one the sampler drew, or a prompt's own (prompt logprobs)."""
+
     token: int
     logprob: float
     rank: int  # in the whole vocabulary; 0 when logprobs were not requested
@@ -45,11 +50,26 @@ StepListener = Callable[[int, list[Sampled]], bool]
 
 @dataclass(frozen=True)
 class StepResult:
-    """For each sampler row, the tokens it sampled (one per step of a decode loop), and the
-    step's modelled seconds (None: the step's time is the wall clock's)."""
+    """For each sampler row, the tokens it sampled (one per step of a decode loop); the step's
+    modelled seconds (None: the step's time is the wall clock's); and for each chunk that
+    scores prompt tokens (by its index in the step), their scores in prompt order (see
+    prompt_positions)."""
 
     sampled: list[list[Sampled]] = field(default_factory=list)
     seconds: float | None = None
+    prompt_logprobs: dict[int, list[Sampled]] = field(default_factory=dict)
+
+
+def prompt_positions(chunk: ScheduledChunk) -> range:
+    """The positions of chunk whose logits score the prompt token after them, for a request
+    that asked for its prompt's logprobs: those before the prompt's last token (whose logits
+    are the sampler's) that no earlier chunk scored, so a prompt recomputed after preemption
+    is not scored twice."""
+    group = chunk.group
+    if group.params.prompt_logprobs is None:
+        return range(0)
+    scored = len(group.prompt_logprobs) - 1  # positions 0 .. scored - 1 are done
+    return range(max(chunk.num_cached, scored), min(chunk.num_cached + chunk.num_new, len(group.prompt_token_ids) - 1))
 
 
 @dataclass
@@ -74,7 +94,7 @@ class CompileStats:
     built: int = 0  # step shapes compiled or loaded before and while serving
     from_cache: int = 0  # of which loaded from the persistent compilation cache
     pending: int = 0  # still compiling in the background
-    after_warm_up: int = 0  # compiled on the serving path: a bug, always 0
+    after_warm_up: int = 0  # compiled on the serving path unexpectedly: a bug, always 0 (model_runner.py)
     seconds: float = 0.0  # spent building them, on whichever thread
 
 
@@ -89,7 +109,8 @@ class Executor(Protocol):
         decode_loop_steps granted) asks for up to that many tokens per row in one decode
         loop; limits[i] is the number of tokens chunk i's blocks hold, past which its row
         writes nothing. on_step sees each step's tokens as they come; when it returns False
-        the loop ends after the step in flight (the result holds the steps run)."""
+        the loop ends after the step in flight (the result holds the steps run). Chunks with
+        prompt_positions (never in a decode loop) get those prompt tokens scored."""
 
     def decode_loop_steps(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int) -> int:
         """num_steps if this decode-only step can run as one loop of that many steps now, else

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from paged_jax.engine_args import EngineArgs
 from paged_jax.model import load_model, sharding
-from paged_jax.model.cache import kv_cache_bytes_per_block
+from paged_jax.model.cache import kv_cache_bytes_per_block, kv_dtype
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.loader import read_config
 from paged_jax.worker.compilation import configure_persistent_cache
@@ -37,8 +37,10 @@ def load_runner(args: EngineArgs, devices: Sequence[jax.Device] | None, max_num_
     max_model_len = args.max_model_len or config.max_model_len
     if max_model_len > config.max_model_len:
         raise ValueError(f"max_model_len {max_model_len} exceeds what the model serves exactly "
-                         f"({config.max_model_len}: position table or sliding window)")
-    bytes_per_block = kv_cache_bytes_per_block(config, args.block_size, model.dtype)
+                         f"({config.max_model_len}: its position range)")
+    page_dtype = model.page_dtype(args.kv_cache_dtype)
+    bytes_per_block = kv_cache_bytes_per_block(config, args.block_size, page_dtype)
+    bfloat16_bytes = kv_cache_bytes_per_block(config, args.block_size, jnp.bfloat16)
     # Each device holds its share of every block's KV heads: T devices hold ~T times the blocks.
     num_blocks = args.num_gpu_blocks_override or _num_blocks(
         args, mesh.devices.flat[0], config, bytes_per_block // args.tensor_parallel_size, max_model_len,
@@ -47,10 +49,13 @@ def load_runner(args: EngineArgs, devices: Sequence[jax.Device] | None, max_num_
     logger.info("%s: %s %s, %s attention, max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d",
                 args.model, config.architecture, jnp.dtype(model.dtype).name, model.module.backend.name,
                 max_model_len, args.max_num_seqs, max_num_batched_tokens)
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), %s memory manager; compilation cache %s",
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), %s pages (%.2fx the blocks of bfloat16 "
+                "pages in the same memory), %s memory manager; compilation cache %s",
                 num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * bytes_per_block / 2**20,
+                kv_dtype(args.kv_cache_dtype, model.dtype).name, bfloat16_bytes / bytes_per_block,
                 args.memory_manager, cache_dir or "off")
     return ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, num_swap_blocks=num_swap_blocks,
+                       page_dtype=page_dtype, kv_bytes_per_block=bytes_per_block,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        max_model_len=max_model_len, eos_token_ids=eos_token_ids or config.eos_token_ids)
 

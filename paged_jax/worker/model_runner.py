@@ -14,17 +14,22 @@ min(tokens, max_num_seqs)). The largest of each kind is compiled before serving,
 on a background thread (compilation.py); a step pads to the smallest ready bucket that fits.
 A shape outside the warm-up set is a bug: it is compiled, counted and logged as an error.
 
+A step with a chunk whose request asked for its prompt's logprobs needs the logits at every
+token, not only at each sequence's last: it runs its bucket's every-token variant. The warm-up
+set leaves these out (they would double start-up compile time for what few requests ask), so
+one is compiled when a step first needs it, as expected and not counted as a bug; while a
+larger one is ready, a better-fitting one compiles on the background thread.
+
 The KV cache lives here, on the device, donated into every step and returned. Swapped-out
-blocks live in host memory (numpy), one array per layer and K/V.
+blocks live in host memory (numpy), an array per cache array (block_moves.py).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +38,21 @@ from tqdm import tqdm
 
 from paged_jax.core.scheduler import SamplerRow, ScheduledChunk, SchedulerOutput
 from paged_jax.model import Model, sharding
-from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache
+from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache, layout_of
 from paged_jax.sequence import Sequence
+from paged_jax.worker import block_moves
 from paged_jax.worker.compilation import Executables
 from paged_jax.worker.decode_step import DecodeState, loop_flags, make_decode_step
-from paged_jax.worker.executor import CompileStats, ExecutorSpec, Sampled, StepCounters, StepListener, StepResult
-from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample
+from paged_jax.worker.executor import (
+    CompileStats,
+    ExecutorSpec,
+    Sampled,
+    StepCounters,
+    StepListener,
+    StepResult,
+    prompt_positions,
+)
+from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample, score
 
 logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET = 16
@@ -69,6 +83,7 @@ class Bucket:
     num_tokens: int
     num_seqs: int
     decode: bool  # one token per sequence: tiles of one query token
+    every_token: bool = False  # logits at every token, not only each sequence's last (prompt logprobs)
 
     @property
     def max_q_len(self) -> int:
@@ -76,16 +91,17 @@ class Bucket:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, *, num_blocks: int, block_size: int, num_swap_blocks: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, model: Model, *, num_blocks: int, block_size: int, num_swap_blocks: int, page_dtype,
+                 kv_bytes_per_block: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]):
         self.model = model
-        self.spec = ExecutorSpec(num_blocks, num_swap_blocks, max_model_len, model.config.vocab_size, eos_token_ids)
+        self.kv_layout = layout_of(model.config)
+        self.spec = ExecutorSpec(num_blocks, num_swap_blocks, max_model_len, model.config.vocab_size, eos_token_ids,
+                                 self.kv_layout.windows, kv_bytes_per_block)
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, model.page_dtype, model.mesh)
-        shape = self.kv_cache[0][0].shape[:1] + (num_swap_blocks,) + self.kv_cache[0][0].shape[2:]
-        self.swap_space = [(np.zeros(shape, model.page_dtype), np.zeros(shape, model.page_dtype))
-                           for _ in self.kv_cache]
+        self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, page_dtype, model.mesh)
+        self.swap_space = block_moves.host_swap_space(self.kv_cache, num_swap_blocks)
         self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
         # Mixed steps pad tokens and sequences apart: a lone prompt in a bucket sized for many
         # sequences pays for their attention tiles and logits rows.
@@ -114,19 +130,29 @@ class ModelRunner:
         (a batch that shrinks as its requests finish would want a shape every few steps)."""
         fitting = self._fitting(num_tokens, num_seqs, decode)
         ready = next((b for b in fitting if key(b) in self.executables), fitting[0])
-        if ready.num_seqs > WANT_PADDING * num_seqs or (not decode and ready.num_tokens > WANT_PADDING * num_tokens):
-            self.executables.want(key(fitting[0]))
+        if ready != fitting[0] and (ready.num_seqs > WANT_PADDING * num_seqs
+                                    or (not decode and ready.num_tokens > WANT_PADDING * num_tokens)):
+            self._want(key(fitting[0]))
         return ready
+
+    def _want(self, key) -> None:
+        """Compile key next on the background thread, queued first if the warm-up set left it
+        out (a rare decode-loop variant, an every-token one). Before warm-up, nothing compiles
+        in the background."""
+        if self.warmed_up and not self.executables.known(key):
+            self.executables.queue([self._task(key)])
+        self.executables.want(key)
 
     def executable(self, key):
         """The compiled device call for key: a Bucket (one forward step) or (Bucket, flags) (a
         step of a decode loop). `execute` gets each executable it calls here, so a wrapper set
         on an instance sees every call's key and arguments (experiments/step_profile.py records
         a run so). Building one here is a compile on the serving path, which after warm-up means the
-        warm-up set is incomplete (a bug, counted and logged)."""
+        warm-up set is incomplete (a bug, counted and logged), unless it is an every-token
+        variant, which the warm-up set leaves out on purpose."""
         executable = self.executables.get(key)
         if executable is None:
-            if self.warmed_up:
+            if self.warmed_up and not _bucket_of(key).every_token:
                 self.compiles_after_warmup += 1
                 logger.error("compiling step %s after warm-up; the warm-up set is incomplete", key)
             executable = self.executables.build(*self._task(key))
@@ -141,14 +167,18 @@ class ModelRunner:
         padded[: len(tokens)] = tokens
         return padded, positions, meta
 
+    def _placeholder_chunk(self) -> SequenceChunk:
+        """A one-token chunk in block 0 of every group: the shapes of a step, for compiling it."""
+        return SequenceChunk([[0]] * len(self.kv_layout.windows), 0, 1)
+
     def _task(self, key):
         return self._step_task(key) if isinstance(key, Bucket) else self._decode_task(*key)
 
     def _step_task(self, bucket: Bucket):
         """How to build a bucket's step: compile the forward pass (from abstract arguments, so
         a background thread never touches the live cache) and warm the common samplers."""
-        tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
-        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta)
+        tokens, positions, meta = self._inputs([self._placeholder_chunk()], np.zeros(1, np.int32), bucket)
+        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta, *_logit_rows(bucket))
         forward, vocab = self.model.forward, self.model.config.vocab_size
 
         def make():
@@ -159,12 +189,16 @@ class ModelRunner:
                                     sharding.replicated(self.model.mesh))
             for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
                 sample(logits, batch, flags).tokens.block_until_ready()
+            if bucket.every_token:  # and the prompt's scorer, on every token's logits
+                every = jax.device_put(jnp.zeros((bucket.num_tokens, vocab), jnp.float32),
+                                       sharding.replicated(self.model.mesh))
+                score(every, np.zeros(bucket.num_tokens, np.int32)).tokens.block_until_ready()
             return forward.lower(*args).compile()
 
         return bucket, make
 
     def _decode_task(self, bucket: Bucket, flags: SamplerFlags):
-        tokens, positions, meta = self._inputs([SequenceChunk([0], 0, 1)], np.zeros(1, np.int32), bucket)
+        tokens, positions, meta = self._inputs([self._placeholder_chunk()], np.zeros(1, np.int32), bucket)
         batch = SamplingBatch(**empty_batch(bucket.num_seqs))
         args = (_abstract(self.model.params), DecodeState(tokens, positions, meta.context_lens, batch.counters),
                 _abstract(self.kv_cache), meta, batch, np.zeros(bucket.num_seqs, np.int32))
@@ -207,10 +241,7 @@ class ModelRunner:
         flags, fitting = loop_flags(_sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
         if not self.warmed_up or flags == LOOP_FLAGS or any((b, flags) in self.executables for b in fitting):
             return num_steps
-        wanted = (fitting[0], flags)
-        if not self.executables.known(wanted):
-            self.executables.queue([self._decode_task(*wanted)])
-        self.executables.want(wanted)
+        self._want((fitting[0], flags))
         return 1
 
     def execute(self, out: SchedulerOutput, rows: list[SamplerRow], num_steps: int = 1,
@@ -223,31 +254,36 @@ class ModelRunner:
         if out.swap_in:
             self.swap_in(out.swap_in)
         if out.copies:
-            src, dst = (_pad_ids(np.asarray(x)) for x in zip(*out.copies))
-            self.kv_cache = _copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, src, dst)
+            self.kv_cache = block_moves.copy_blocks(self.model.module.backend.copy_blocks, self.kv_cache, out.copies)
         if not out.chunks:
             return StepResult()
         self.executables.used()
         self.counters.num_calls += 1
         chunks = out.chunks
-        # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings:
-        # then the rows are packed and take their chunk's logits by index.
+        # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings or
+        # the logits are every token's (prompt logprobs): then the rows are packed and take
+        # their chunk's logits by index (its last token's, of every token's).
         fan_out = len(rows) > sum(c.samples for c in chunks)
         flags = _sampler_flags(rows) if rows else None
+        scored = {i: positions for i, c in enumerate(chunks) if (positions := prompt_positions(c))}
         if num_steps > 1:
-            assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust
+            assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust and not scored
             flags = loop_flags(flags)
             bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, flags))
+        elif scored:
+            bucket = _every_token(self.bucket_for(out.num_tokens, len(chunks), out.decode_only, key=_every_token))
         else:
             bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
         tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
                                                            for c in chunks), np.int32, count=out.num_tokens)
         tokens, positions, meta = self._inputs(
-            [SequenceChunk(c.seq.block_table, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
-        if fan_out:
+            [SequenceChunk(c.seq.block_tables, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
+        packed = fan_out or bucket.every_token
+        if packed:
+            chunk_rows = np.cumsum([c.num_new for c in chunks]) - 1 if bucket.every_token else np.arange(len(chunks))
             num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
             logit_rows = np.zeros(num_rows, np.int32)
-            logit_rows[: len(rows)] = [i for i, _, _ in rows]
+            logit_rows[: len(rows)] = [chunk_rows[i] for i, _, _ in rows]
             placed = [(row, (c, seq)) for row, (_, c, seq) in enumerate(rows)]
         else:
             num_rows = bucket.num_seqs
@@ -265,16 +301,33 @@ class ModelRunner:
                 return executable(params, state, kv_cache, meta, batch, limit)
 
             return StepResult(self._decode_loop(step, state, num_steps, placed, on_step))
-        logits, self.kv_cache = self.executable(bucket)(self.model.params, tokens, positions, self.kv_cache, meta)
+        logits, self.kv_cache = self.executable(bucket)(self.model.params, tokens, positions, self.kv_cache, meta,
+                                                        *_logit_rows(bucket))
         self.counters.num_steps += 1
+        prompt = self._score_prompts(logits, chunks, scored) if scored else {}
         if not rows:
-            return StepResult()
-        if fan_out:
+            return StepResult(prompt_logprobs=prompt)
+        if packed:
             logits = _take_rows(logits, logit_rows)
         sampled = self._fetch(sample(logits, batch, flags), placed)
         if on_step is not None:
             on_step(0, sampled)
-        return StepResult([[s] for s in sampled])
+        return StepResult([[s] for s in sampled], prompt_logprobs=prompt)
+
+    def _score_prompts(self, logits, chunks: list[ScheduledChunk],
+                       scored: dict[int, range]) -> dict[int, list[Sampled]]:
+        """From every token's logits, the score of the prompt token after each scored position:
+        chunk index -> one per position, with the request's prompt_logprobs top tokens."""
+        first = np.cumsum([0] + [c.num_new for c in chunks])  # each chunk's first row
+        rows, targets = {}, np.zeros(logits.shape[0], np.int32)
+        for i, positions in scored.items():
+            start = first[i] - chunks[i].num_cached  # the row position 0 would have
+            rows[i] = range(start + positions.start, start + positions.stop)
+            next_tokens = chunks[i].group.prompt_token_ids[positions.start + 1 : positions.stop + 1]
+            targets[rows[i].start : rows[i].stop] = next_tokens
+        result = self._read(score(logits, targets))
+        return {i: [self._result(result, row, chunks[i].group.params.prompt_logprobs) for row in rows[i]]
+                for i in scored}
 
     def _decode_loop(self, step, state: DecodeState, num_steps: int, placed, on_step) -> list[list[Sampled]]:
         """A decode loop: up to num_steps decode steps, each dispatched before the host reads
@@ -297,15 +350,20 @@ class ModelRunner:
 
     def _fetch(self, sampled, placed) -> list[Sampled]:
         """A step's SamplerOutput, read to the host: one Sampled per placed row."""
+        result = self._read(sampled)
+        return [self._result(result, row, chunk.group.params.logprobs or 0) for row, (chunk, _) in placed]
+
+    def _read(self, outputs):
+        """Device outputs read to the host, the wait counted as the device's."""
         start = time.perf_counter()
-        result = jax.device_get(sampled)
+        result = jax.device_get(outputs)
         self.counters.device_wait += time.perf_counter() - start
         self.executables.used()
-        return [self._result(result, row, chunk) for row, (chunk, _) in placed]
+        return result
 
     @staticmethod
-    def _result(result, row: int, chunk: ScheduledChunk) -> Sampled:
-        k = chunk.group.params.logprobs or 0
+    def _result(result, row: int, k: int) -> Sampled:
+        """Row `row` of a SamplerOutput on the host, with its top k tokens."""
         return Sampled(int(result.tokens[row]), float(result.logprobs[row]), int(result.ranks[row]),
                        list(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())))
 
@@ -341,23 +399,13 @@ class ModelRunner:
     # -- swapping ----------------------------------------------------------------------------
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy (device block, host block) pairs (at least one) to host memory, in one gather
-        and one transfer: what `execute` does with a step's swap-out list, and what a benchmark
-        of swapping times (experiments/preemption.py). Returns once the host holds them."""
-        device_blocks, host_blocks = (np.asarray(x) for x in zip(*pairs))
-        pages = jax.device_get(_gather_blocks(self.kv_cache, jnp.asarray(_pad_ids(device_blocks))))
-        for (k_host, v_host), (k, v) in zip(self.swap_space, pages):
-            k_host[:, host_blocks] = k[:, : len(host_blocks)]
-            v_host[:, host_blocks] = v[:, : len(host_blocks)]
+        """(device block, host block) pairs to host memory (block_moves.py): what `execute` does
+        with a step's swap-out list, and what a benchmark of swapping times (experiments/preemption.py)."""
+        block_moves.swap_out(self.kv_cache, self.swap_space, pairs)
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy (host block, device block) pairs (at least one) back into the KV cache: the
-        inverse of `swap_out`, asynchronous like any device update of the cache."""
-        host_blocks, device_blocks = (np.asarray(x) for x in zip(*pairs))
-        padded = _pad_ids(device_blocks)
-        pages = tuple((_pad_rows(k[:, host_blocks], len(padded)), _pad_rows(v[:, host_blocks], len(padded)))
-                      for k, v in self.swap_space)
-        self.kv_cache = _scatter_blocks(self.kv_cache, jnp.asarray(padded), pages)
+        """(host block, device block) pairs back into the KV cache."""
+        self.kv_cache = block_moves.swap_in(self.kv_cache, self.swap_space, pairs)
 
 
 def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerFlags:
@@ -380,36 +428,16 @@ def _bucket_of(key) -> Bucket:
     return key if isinstance(key, Bucket) else key[0]
 
 
-def _pad_ids(ids: np.ndarray) -> np.ndarray:
-    """Pad block ids to a power of two (>= 8) with -1, so few copy shapes compile."""
-    width = max(8, 1 << (len(ids) - 1).bit_length())
-    return np.concatenate([ids, np.full(width - len(ids), -1)]).astype(np.int32)
+def _every_token(bucket: Bucket) -> Bucket:
+    return replace(bucket, every_token=True)
 
 
-def _pad_rows(pages: np.ndarray, width: int) -> np.ndarray:
-    return np.concatenate([pages, np.zeros((pages.shape[0], width - pages.shape[1]) + pages.shape[2:], pages.dtype)], 1)
+def _logit_rows(bucket: Bucket) -> tuple[np.ndarray, ...]:
+    """The forward pass's logit_rows argument, if any: every token's row for an every-token
+    variant; else none, and the model takes each sequence's last token."""
+    return (np.arange(bucket.num_tokens, dtype=np.int32),) if bucket.every_token else ()
 
 
 @jax.jit
 def _take_rows(logits, rows):
     return logits[rows]
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _copy_blocks(copy, kv_cache, src, dst):
-    """Copy whole blocks src[i] -> dst[i] (-1 = padding) in every layer, K and V."""
-    return tuple(copy(k, v, src, dst) for k, v in kv_cache)
-
-
-@jax.jit
-def _gather_blocks(kv_cache, blocks):
-    """Per layer (k, v) [Hkv, len(blocks), B, D] copies of the blocks (-1: block 0, unused)."""
-    ids = jnp.maximum(blocks, 0)
-    return tuple((k[:, ids], v[:, ids]) for k, v in kv_cache)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _scatter_blocks(kv_cache, blocks, pages):
-    ids = jnp.where(blocks >= 0, blocks, kv_cache[0][0].shape[1])  # padding is dropped
-    return tuple((k.at[:, ids].set(pk, mode="drop"), v.at[:, ids].set(pv, mode="drop"))
-                 for (k, v), (pk, pv) in zip(kv_cache, pages))

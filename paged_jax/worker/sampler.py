@@ -6,7 +6,8 @@ requests. Processing follows vLLM: penalties and min_tokens on the raw logits, t
 rows take the argmax; others divide by temperature, keep the top_k and the top_p nucleus,
 drop tokens below min_p x the top probability, and sample by inverting the cumulative
 distribution.
-Logprobs are those of the raw model distribution.
+Logprobs are those of the raw model distribution (`score`, which also scores a prompt's own
+tokens).
 
 Features with a cost (filtering, which sorts the vocabulary; penalties, which scatter the
 token history; logprobs) are static switches of the compiled sampler, on only when a row in
@@ -156,7 +157,15 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> Samp
         empty = jnp.zeros((num_rows, 0))
         return SamplerOutput(tokens, jnp.zeros(num_rows), jnp.zeros(num_rows, jnp.int32), empty.astype(jnp.int32),
                              empty)
-    log_probs = jax.nn.log_softmax(raw, axis=1)
+    return score(raw, tokens)
+
+
+@jax.jit
+def score(logits: jax.Array, tokens: jax.Array) -> SamplerOutput:
+    """logits float32[S, V], tokens int32[S] -> each token's logprob under its row (float32
+    log-softmax over the vocabulary), its rank and the row's top MAX_LOGPROBS: what `sample`
+    reports for the tokens it draws, and for a prompt's own tokens, which nobody draws."""
+    log_probs = jax.nn.log_softmax(logits, axis=1)
     top_logprobs, top_ids = jax.lax.top_k(log_probs, min(MAX_LOGPROBS, logits.shape[1]))
     chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=1)[:, 0]
     ranks = jnp.sum(log_probs > chosen[:, None], axis=1, dtype=jnp.int32) + 1
