@@ -38,13 +38,15 @@ def test_greedy_equals_hf_when_a_tiny_cache_forces_preemption(checkpoint, rng, v
     assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("variant, tight_blocks", [("phi3", 4), ("gemma2", 7), ("gemma3", 11)])
-def test_greedy_equals_hf_past_the_sliding_window(checkpoint, rng, variant, tight_blocks):
-    """Prompts and generations longer than the window (gemma2 8 tokens, the others 16; gemma2
-    and gemma3 mix sliding and global layers), in blocks of 8 with room to spare, then in
-    blocks of 16 in a cache so small that sequences are preempted and recomputed: a block or
-    so over what the longest request needs (phi3 slides everywhere and frees; Gemma's global
-    layers keep every block)."""
+@pytest.mark.parametrize("variant, tight_blocks", [("phi3", 4), ("gemma2", 7), ("gemma3", 11), ("qwen3", 5),
+                                                   ("pythia", 5), ("mixtral", 5), ("qwen3_moe", 5)])
+def test_greedy_equals_hf_in_blocks_of_8_and_of_16_under_preemption(checkpoint, rng, variant, tight_blocks):
+    """Every family of today, with prompts and generations longer than the sliding windows
+    (gemma2 8 tokens, phi3 and gemma3 16; gemma2 and gemma3 mix sliding and global layers): in
+    blocks of 8 with room to spare, then in blocks of 16 in a cache so small that sequences are
+    preempted and recomputed, a block or so over what the longest request needs (phi3 slides
+    everywhere and frees; Gemma's global layers, and the models without a window, keep every
+    block)."""
     path = checkpoint(variant)
     prompts = random_prompts(rng, [37, 9, 21, 50])
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
