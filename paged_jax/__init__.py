@@ -15,7 +15,7 @@ from paged_jax.outputs import (
                                RequestMetrics,
                                RequestOutput,
 )
-from paged_jax.sampling_params import SamplingParams
+from paged_jax.sampling_params import SamplingParams, StructuredOutputsParams
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "AsyncLLMEngine",
     "EngineArgs",
     "SamplingParams",
+    "StructuredOutputsParams",
     "BeamSearchParams",
     "BeamSearchOutput",
     "BeamSearchSequence",

@@ -1,13 +1,17 @@
 """vLLM's `SamplingParams`: what a request asks of the sampler, and the key its randomness
-starts from.
+starts from; and vLLM's `StructuredOutputsParams`, the grammar a request's output must follow.
 
 Each row's randomness comes from its own key, folded from its request's seed (or the
 engine's seed and the sequence id) and the index of the token being sampled, so a seeded
 request gives the same output whatever else is in the batch.
+
+Both are plain data, checked field by field here; a grammar is parsed and compiled where
+the tokenizer is, by the engine (structured_output.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +27,46 @@ def requirement(owner) -> Callable[[bool, str, str], None]:
         if not ok:
             raise ValueError(f"{type(owner).__name__}.{name} {rule}, got {getattr(owner, name)!r}")
     return require
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's: the one grammar a request's output must follow, given as exactly one of a JSON
+    schema (a dict, or its text), a regular expression, a list of choices (the output is one
+    of them), an EBNF grammar (xgrammar's dialect, rule `root` first) or json_object=True
+    (any JSON object)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        require = requirement(self)
+        require(self.json is None or isinstance(self.json, (str, dict)), "json", "must be a JSON schema (dict or str)")
+        require(self.regex is None or isinstance(self.regex, str), "regex", "must be a string")
+        require(self.choice is None or (isinstance(self.choice, list) and self.choice
+                                        and all(isinstance(c, str) and c for c in self.choice)),
+                "choice", "must be a non-empty list of non-empty strings")
+        require(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip()), "grammar",
+                "must be a non-empty string")
+        require(self.json_object in (None, True, False), "json_object", "must be a boolean")
+        given = self._given()
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams needs exactly one of {', '.join(STRUCTURED_KINDS)}, "
+                             f"got {' and '.join(given) or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        """The field that holds the grammar: json, regex, choice, grammar or json_object."""
+        return self._given()[0]
+
+    def _given(self) -> list[str]:
+        return [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
 
 
 @dataclass
@@ -49,6 +93,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The output follows this grammar (structured_output.py); it ends where the grammar does.
+    structured_outputs: StructuredOutputsParams | None = None
+    # token id -> added to its logit before sampling (after the logprobs, which stay the
+    # model's, as in vLLM). The server clamps each to [-100, 100], as OpenAI and vLLM do.
+    logit_bias: dict[int, float] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -73,9 +122,15 @@ class SamplingParams:
                 "prompt_logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         require(self.stop_token_ids is None or all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids", "must be a list of token ids")
+        require(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+                "structured_outputs", "must be a StructuredOutputsParams or None")
+        require(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            _is_int(t) and t >= 0 and _is_real(b) and math.isfinite(b) for t, b in self.logit_bias.items())),
+            "logit_bias", "must map token ids to finite numbers")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         require(all(isinstance(s, str) and s for s in stops), "stop", "must be a string or a list of non-empty strings")
         self.stop_strings = stops
+        self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
@@ -87,6 +142,14 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def request_key(seed: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from paged_jax.beam_search import BeamSearch
 from paged_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    import xgrammar
 
 
 class Status(enum.Enum):
@@ -33,6 +37,9 @@ class Sequence:
     prompt_token_ids: list[int]
     key: np.ndarray  # uint32[2]: base of this sequence's sampling randomness
     detokenizer: IncrementalDetokenizer | None
+    # A request with structured outputs: its grammar's state after output_token_ids
+    # (structured_output.py), which masks the next token and ends the sequence with the grammar.
+    matcher: xgrammar.GrammarMatcher | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     # Per KV group (kv/interface.py), logical block -> physical block; empty: holds none.

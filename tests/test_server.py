@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import shutil
+import time
 
 import httpx
 import openai
@@ -256,39 +257,31 @@ def test_chat_equals_llm_on_the_rendered_prompt(url, client, http, llm):
 
 
 def test_32_concurrent_streaming_clients_are_batched_and_all_finish(url, llm):
+    """Clients on different connections share steps: when the first stream ends, several have
+    had tokens (served one after another, each would start only as the one before ends). Read
+    from the streams themselves, so a server too busy to answer a metrics poll cannot hide it."""
     prompts = [f"{PROMPTS[i % 4]} {PROMPTS[(i // 4) % 4]}" for i in range(32)]
     expected = reference_texts(llm, prompts, 24)
     before = scrape(url)
-    running_seen = []
 
     async def one(c, prompt):
         stream = await c.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True})
-        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
-
-    async def watch(done: asyncio.Event):
-        async with httpx.AsyncClient(timeout=TIMEOUT) as h:
-            for _ in range(2000):  # bounded: at most ~100 s of 50 ms polls
-                if done.is_set():
-                    return
-                text = (await h.get(f"{url}/metrics")).text
-                for line in text.splitlines():
-                    if line.startswith("vllm:num_requests_running"):
-                        running_seen.append(float(line.split()[-1]))
-                await asyncio.sleep(0.05)
+        texts, arrivals = [], []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                texts.append(chunk.choices[0].text)
+                arrivals.append(time.monotonic())
+        return "".join(texts), arrivals[0], arrivals[-1]
 
     async def main():
-        done = asyncio.Event()
-        watcher = asyncio.create_task(watch(done))
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT) as c:
-            texts = await asyncio.gather(*(one(c, p) for p in prompts))
-        done.set()
-        await watcher
-        return texts
+            return await asyncio.gather(*(one(c, p) for p in prompts))
 
-    texts = asyncio.run(asyncio.wait_for(main(), 4 * TIMEOUT))
-    assert texts == expected
-    assert max(running_seen) > 1  # clients on different connections shared steps
+    results = asyncio.run(asyncio.wait_for(main(), 4 * TIMEOUT))
+    assert [text for text, _, _ in results] == expected
+    first_end = min(last for _, _, last in results)
+    assert sum(first < first_end for _, first, _ in results) > 1
     after = assert_idle(url)
     assert after["vllm:request_success_total{finished_reason=length}"] - \
         before.get("vllm:request_success_total{finished_reason=length}", 0) == 32
@@ -357,6 +350,52 @@ def test_client_mistakes_are_4xx_with_openai_error_objects(http):
                            headers={"content-type": "application/json"}), 413)
     assert error(http.get("/v1/nothing-here"), 404)
     assert http.post("/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
+
+
+def create(client, endpoint: str, **fields):
+    """A short completion or chat completion with `fields` added."""
+    if endpoint == "completions":
+        return client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=2, **fields)
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=2, **fields)
+
+
+REFUSED = [  # (endpoint, fields added to a good request, the field the 400 names)
+    ("completions", {"suffix": " over the lazy dog"}, "suffix"),
+    ("completions", {"n": 2, "best_of": 3}, "best_of"),
+    ("completions", {"temprature": 0.5}, "temprature"),  # a misspelling: no field of OpenAI's or vLLM's
+    ("chat", {"modalities": ["text", "audio"]}, "modalities"),
+    ("chat", {"use_beam_search": True}, "use_beam_search"),  # vLLM's
+    ("chat", {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]}]},
+     "messages.0.content.0.cache_control"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "param"), REFUSED)
+def test_a_field_the_server_does_not_implement_is_a_400_naming_it(client, endpoint, fields, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(client, endpoint, extra_body=fields)
+    assert refused.value.param == param and param in refused.value.body["message"]
+
+
+def test_suffix_is_refused_in_vllm_words_and_best_of_only_above_n(http):
+    refused = http.post("/v1/completions", json={**GOOD, "suffix": "x"})
+    assert refused.status_code == 400
+    assert refused.json() == {"error": {"message": "suffix is not currently supported", "type": "invalid_request_error",
+                                        "param": "suffix", "code": None}}
+    best_of = http.post("/v1/completions", json={**GOOD, "n": 2, "best_of": 3}).json()["error"]
+    assert best_of["param"] == "best_of" and "best_of 3 is not supported" in best_of["message"]
+
+
+def test_fields_that_change_nothing_or_are_null_are_accepted(client, http):
+    response = create(client, "chat", user="alice", store=False, n=2, extra_body={"best_of": 2})
+    assert len(response.choices) == 2 and response.usage.completion_tokens == 4
+    response = create(client, "completions", user="alice", best_of=1)
+    assert response.usage.completion_tokens == 2
+    nulls = http.post("/v1/completions", json={**GOOD, "suffix": None, "use_beam_search": None})
+    assert nulls.status_code == 200, nulls.text
 
 
 TEXT = st.text(alphabet="abcxyz ", min_size=1, max_size=8)  # never a number

@@ -14,6 +14,14 @@ beam search step forks the beams kept more than once and frees those dropped. Fu
 are offered to the prefix cache as they fill. A request that asked for its prompt's logprobs
 gathers them as the chunks of its prompt compute (the executor scores each prompt token once,
 even when preemption has the prompt recomputed); its n sequences share them.
+
+Structured outputs (structured_output.py): a request's grammar is compiled when it is added
+(once per grammar: the compiler caches), each of its sequences gets a matcher, which masks
+its next token in every step it samples and is advanced here with each token appended; the
+sequence finishes ("stop") when its grammar terminates. A token the matcher refuses (only
+possible when nothing it allows could be sampled: a vocabulary that cannot go on, or
+min_tokens banning the stop token of a finished grammar) is not appended and ends the
+sequence with "error", as vLLM ends it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 
@@ -39,9 +48,13 @@ from paged_jax.logger import configure as configure_logging
 from paged_jax.outputs import Logprob, RequestMetrics, RequestOutput
 from paged_jax.sampling_params import SamplingParams, request_key
 from paged_jax.sequence import Sequence, SequenceGroup
+from paged_jax.structured_output import GrammarCompiler, new_matcher
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 from paged_jax.worker.executor import Executor, Sampled
 from paged_jax.worker.loading import load_runner
+
+if TYPE_CHECKING:
+    import xgrammar
 
 logger = logging.getLogger(__name__)
 STEP_LOG_LENGTH = 100_000  # engine.step_log keeps the latest steps, between half this and this
@@ -70,6 +83,7 @@ class LLMEngine:
         spec = self.executor.spec
         self.eos_token_ids, self.max_model_len = spec.eos_token_ids, spec.max_model_len
         self.vocab_size = spec.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) if self.tokenizer else None
         self.block_manager = make_block_manager(
             args.memory_manager, spec.num_blocks, args.block_size, self.max_model_len,
             num_swap_blocks=spec.num_swap_blocks, enable_prefix_caching=args.enable_prefix_caching,
@@ -104,6 +118,8 @@ class LLMEngine:
         if isinstance(params, BeamSearchParams):
             check_beam_width(params, self.eos_token_ids)
             beam, params = beam_request(params, self.eos_token_ids)
+        self._check_logit_bias(params)
+        grammar = self._compile_grammar(params)
         if params.n > min(self.args.max_num_seqs, self.max_num_batched_tokens):
             raise ValueError(f"request {request_id!r}: n={params.n} sequences can never be scheduled together "
                              f"(max_num_seqs {self.args.max_num_seqs}, max_num_batched_tokens "
@@ -120,19 +136,34 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=max_tokens)
         # n > 1: the siblings are born when the prompt is computed, forking from the first.
         # A beam search starts from one beam.
-        seqs = [self._new_sequence(token_ids, params, i, born=i == 0) for i in range(1 if beam else params.n)]
+        seqs = [self._new_sequence(token_ids, params, i, born=i == 0, grammar=grammar)
+                for i in range(1 if beam else params.n)]
         metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time)
         group = SequenceGroup(request_id, text, token_ids, params, seqs, metrics, beam=beam)
         self.groups[request_id] = group
         self.scheduler.add(group)
 
-    def _new_sequence(self, token_ids: list[int], params: SamplingParams, index: int, born: bool) -> Sequence:
+    def _new_sequence(self, token_ids: list[int], params: SamplingParams, index: int, born: bool,
+                      grammar: xgrammar.CompiledGrammar | None = None) -> Sequence:
         seq_id = next(self._seq_ids)
         seed = _mix(params.seed, index) if params.seed is not None else _mix(self.args.seed, seq_id + 1)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
             if self.tokenizer else None
         return Sequence(seq_id=seq_id, index=index, prompt_token_ids=token_ids, key=request_key(seed),
-                        detokenizer=detokenizer, born=born)
+                        detokenizer=detokenizer, matcher=new_matcher(grammar) if grammar else None, born=born)
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is not in [0, {self.vocab_size})")
+
+    def _compile_grammar(self, params: SamplingParams) -> xgrammar.CompiledGrammar | None:
+        """The request's grammar, compiled (ValueError naming the field of a bad spec)."""
+        if params.structured_outputs is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("structured_outputs need the model's tokenizer, and none was found")
+        return self.grammars.compile(params.structured_outputs)
 
     def _prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -274,15 +305,20 @@ class LLMEngine:
         """How many decode steps the device may run in one loop, and how many tokens each
         sequence's blocks must hold for it: up to num_scheduler_steps (no more than the
         longest max_tokens left) when only decodes run, none needs penalties or min_tokens
-        (their inputs change every token), the executor has the loop ready and the blocks for
-        the extra tokens (never past max_tokens) can be had; else one step."""
+        (their inputs change every token), a logit_bias (its width is not among the loop's
+        compiled shapes) or a grammar, the executor has the loop ready and the blocks for the
+        extra tokens (never past max_tokens) can be had; else one step.
+        A grammar's mask for the next token is known only once the host has advanced its
+        matcher with the token before, which a loop samples on the device: so a step with a
+        constrained row is a single step, for every row in it. That costs the free rows
+        sharing the batch their loop (README: Structured outputs)."""
         steps = self.args.num_scheduler_steps
         if steps == 1 or not out.chunks or not out.decode_only or out.swap_in or out.swap_out:
             return 1, None
         for chunk in out.chunks:
             params, seq = chunk.group.params, chunk.seq
-            if (len(chunk.samplers) != 1 or chunk.group.beam or params.penalised
-                    or len(seq.output_token_ids) < params.min_tokens
+            if (len(chunk.samplers) != 1 or chunk.group.beam or params.penalised or params.logit_bias
+                    or params.structured_outputs or len(seq.output_token_ids) < params.min_tokens
                     or seq.num_tokens - 1 + steps > self.max_model_len):
                 return 1, None
         if self.executor.decode_loop_steps(out, rows, steps) == 1:
@@ -298,6 +334,11 @@ class LLMEngine:
     def _append(self, seq: Sequence, group: SequenceGroup, sampled: Sampled, now: float) -> None:
         params = group.params
         token = sampled.token
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            logger.warning("request %s: its grammar refused token %d, as no token it allows could be sampled; the "
+                           "sequence ends", group.request_id, token)
+            seq.finish_reason = "error"
+            return
         seq.output_token_ids.append(token)
         group.metrics.first_token_time = group.metrics.first_token_time or now
         group.metrics.last_token_time = now
@@ -320,9 +361,10 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, params: SamplingParams, token: int, delta: str) -> None:
         num_output = len(seq.output_token_ids)
-        if num_output >= params.min_tokens:
+        grammar_done = seq.matcher is not None and seq.matcher.is_terminated()  # token was its stop token
+        if num_output >= params.min_tokens or grammar_done:
             stop_token = token in params.stop_token_ids
-            if stop_token or (token in self.eos_token_ids and not params.ignore_eos):
+            if stop_token or grammar_done or (token in self.eos_token_ids and not params.ignore_eos):
                 if not params.include_stop_str_in_output:  # a stop token's text is not emitted
                     seq.text = seq.text[: len(seq.text) - len(delta)]
                 seq.finish_reason, seq.stop_reason = "stop", token if stop_token else None

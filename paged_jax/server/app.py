@@ -3,7 +3,8 @@ FastAPI app that routes each endpoint to its serving object (serving_completion,
 serving_tokenize) and answers every error with OpenAI's error object.
 
 A client's mistake is a 4xx naming the field: pydantic's validation errors become a 400 with
-the field's dotted path, an APIError raised by the serving code its own status; only a bug in
+the field's dotted path (a field the server does not implement: "suffix is not currently
+supported", vLLM's words), an APIError raised by the serving code its own status; only a bug in
 the server makes a 500. The body size limit and the API key are plain ASGI middlewares, so
 they act before FastAPI reads or parses a body.
 """
@@ -39,7 +40,7 @@ from paged_jax.server.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from paged_jax.server.serving import APIError
+from paged_jax.server.serving import APIError, not_supported
 from paged_jax.server.serving_chat import OpenAIServingChat
 from paged_jax.server.serving_completion import OpenAIServingCompletion
 from paged_jax.server.serving_tokenize import OpenAIServingTokenization
@@ -187,7 +188,8 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, metrics: ServingMetr
 
 def describe_validation_error(errors: Sequence[dict]) -> tuple[str, str | None]:
     """(message, param) for the first of pydantic's errors: param is the field's dotted path
-    (`messages.0.role`), without the union members pydantic tried (`str`, `list[int]`)."""
+    (`messages.0.role`), without the union members pydantic tried (`str`, `list[int]`). A
+    field the request does not declare is one the server does not implement."""
     if not errors:
         return "invalid request", None
     error = errors[0]
@@ -203,6 +205,8 @@ def describe_validation_error(errors: Sequence[dict]) -> tuple[str, str | None]:
             break  # pydantic names the union member it tried here
         path.append(str(part))
     param = ".".join(path) or None
+    if error.get("type") == "extra_forbidden":
+        return not_supported(param), param
     return f"{param}: {error.get('msg', 'invalid value')}", param
 
 

@@ -46,6 +46,11 @@ class APIError(Exception):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
 
 
+def not_supported(field: str) -> str:
+    """The 400's message for a request field the server does not implement: vLLM's for `suffix`."""
+    return f"{field} is not currently supported"
+
+
 class ResponseType(Protocol):
     """A response class of completions or chat, whole or streamed: they share these fields, so
     one function fills them."""
@@ -134,8 +139,20 @@ class OpenAIServing:
         if bad:
             raise APIError(400, f"{where}: token id {bad[0]} is not in [0, {self.vocab_size})", where)
 
+    @staticmethod
+    def check_best_of(body: SamplingFields) -> None:
+        """best_of asks for best_of candidates of which the n with the highest cumulative logprob
+        come back. It is refused, as vLLM's v1 engine refuses it: the best are known only once
+        every candidate has finished, so such a request cannot stream, and the candidates thrown
+        away take the batch's sequences for nothing; a client that wants it asks for n choices
+        with logprobs and ranks them itself. best_of equal to n (or 1) picks nothing, so it passes."""
+        if body.best_of not in (None, 1, body.n):
+            raise APIError(400, f"best_of {body.best_of} is not supported: this server samples no candidates to "
+                                f"choose from (best_of must be n, {body.n}, or 1)", "best_of")
+
     def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         renames: dict[str, str]) -> SamplingParams:
+        self.check_best_of(body)
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", renames.get("max_tokens", "max_tokens"))
         temperature = 1.0 if body.temperature is None else body.temperature

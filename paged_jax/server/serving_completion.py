@@ -1,5 +1,7 @@
 """/v1/completions: one engine request per prompt (a string, token ids, or a list of either),
-its n choices numbered prompt * n + choice as OpenAI numbers them.
+its n choices numbered prompt * n + choice as OpenAI numbers them. `suffix` (the text after
+the completion, to fill in the middle) is refused as vLLM refuses it, "suffix is not currently
+supported", as every field the server does not implement is (protocol).
 
 With echo, each choice's text starts with its prompt's text (decoded from the ids when the
 prompt came as ids); with logprobs too, its logprobs start with the prompt's tokens, which
@@ -27,6 +29,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from paged_jax.outputs import Logprob
+from paged_jax.server.constraints import constrained
 from paged_jax.server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -57,6 +60,7 @@ class OpenAIServingCompletion(OpenAIServing):
         arrival = time.time()
         self.check_model(body.model)
         params = self.sampling_params(body, 1 if _prompt_alone(body) else body.max_tokens, body.logprobs, {})
+        params = await constrained(body, params, self.vocab_size)
         if body.echo and body.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prompts = self.completion_prompts(body.prompt)

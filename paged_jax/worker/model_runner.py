@@ -39,7 +39,6 @@ from tqdm import tqdm
 from paged_jax.core.scheduler import SamplerRow, ScheduledChunk, SchedulerOutput
 from paged_jax.model import Model, sharding
 from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache, layout_of
-from paged_jax.sequence import Sequence
 from paged_jax.worker import block_moves
 from paged_jax.worker.compilation import Executables
 from paged_jax.worker.decode_step import DecodeState, loop_flags, make_decode_step
@@ -53,6 +52,7 @@ from paged_jax.worker.executor import (
     prompt_positions,
 )
 from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample, score
+from paged_jax.worker.sampling_batch import sampler_flags, sampling_batch
 
 logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET = 16
@@ -238,7 +238,7 @@ class ModelRunner:
         """num_steps when the decode loop this batch needs is ready (or the plain-sampling one,
         always in the warm-up set); else 1, and the loop variant it lacks (top-k/p, logprobs)
         is queued for the compile thread, so a rare variant never waits for a compiler."""
-        flags, fitting = loop_flags(_sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
+        flags, fitting = loop_flags(sampler_flags(rows)), self._fitting(0, len(out.chunks), True)
         if not self.warmed_up or flags == LOOP_FLAGS or any((b, flags) in self.executables for b in fitting):
             return num_steps
         self._want((fitting[0], flags))
@@ -264,10 +264,11 @@ class ModelRunner:
         # the logits are every token's (prompt logprobs): then the rows are packed and take
         # their chunk's logits by index (its last token's, of every token's).
         fan_out = len(rows) > sum(c.samples for c in chunks)
-        flags = _sampler_flags(rows) if rows else None
+        flags = sampler_flags(rows) if rows else None
         scored = {i: positions for i, c in enumerate(chunks) if (positions := prompt_positions(c))}
         if num_steps > 1:
-            assert out.decode_only and len(rows) == len(chunks) and not fan_out and not flags.adjust and not scored
+            assert out.decode_only and len(rows) == len(chunks) and not fan_out and not scored
+            assert not (flags.adjust or flags.mask or flags.bias), "inputs a loop cannot hold (engine._decode_steps)"
             flags = loop_flags(flags)
             bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, flags))
         elif scored:
@@ -288,7 +289,7 @@ class ModelRunner:
         else:
             num_rows = bucket.num_seqs
             placed = [(i, (c, seq)) for i, c, seq in rows]
-        batch = self._sampling_batch(placed, num_rows, flags) if rows else None
+        batch = sampling_batch(placed, num_rows, flags, self.spec) if rows else None
         if num_steps > 1:
             limit = np.zeros(bucket.num_seqs, np.int32)
             limit[: len(limits)] = limits
@@ -367,35 +368,6 @@ class ModelRunner:
         return Sampled(int(result.tokens[row]), float(result.logprobs[row]), int(result.ranks[row]),
                        list(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())))
 
-    def _sampling_batch(self, placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]], num_rows: int,
-                        flags: SamplerFlags) -> SamplingBatch:
-        """Sampling inputs with (row, (chunk, sequence)) placed at each row."""
-        b = empty_batch(num_rows)
-        banned_rows, history_rows = {}, {}
-        for i, (chunk, seq) in placed:
-            p = chunk.group.params
-            b["temperature"][i], b["top_k"][i], b["top_p"][i], b["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
-            b["presence"][i], b["frequency"][i], b["repetition"][i] = (
-                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
-            b["keys"][i] = seq.key
-            b["counters"][i] = len(seq.output_token_ids)
-            if p.penalised:
-                history_rows[i] = seq
-            if len(seq.output_token_ids) < p.min_tokens:
-                banned_rows[i] = p.stop_token_ids + ([] if p.ignore_eos else list(self.spec.eos_token_ids))
-        if flags.adjust:
-            b["history"] = np.full((num_rows, self.spec.max_model_len), -1, np.int32)
-            for i, seq in history_rows.items():
-                ids = seq.prompt_token_ids + seq.output_token_ids
-                b["history"][i, : len(ids)] = ids
-                b["output_start"][i] = len(seq.prompt_token_ids)
-            width = max(4, max((len(v) for v in banned_rows.values()), default=0))
-            width = 1 << (width - 1).bit_length()
-            b["banned"] = np.full((num_rows, width), -1, np.int32)
-            for i, ids in banned_rows.items():
-                b["banned"][i, : len(ids)] = ids
-        return SamplingBatch(**b)
-
     # -- swapping ----------------------------------------------------------------------------
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
@@ -406,17 +378,6 @@ class ModelRunner:
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """(host block, device block) pairs back into the KV cache."""
         self.kv_cache = block_moves.swap_in(self.kv_cache, self.swap_space, pairs)
-
-
-def _sampler_flags(rows: list[tuple[int, ScheduledChunk, Sequence]]) -> SamplerFlags:
-    """The sampler features a step's rows need (see SamplerFlags)."""
-    params = [(c.group.params, seq) for _, c, seq in rows]
-    return SamplerFlags(
-        sample=any(not p.greedy for p, _ in params),
-        filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p, _ in params),
-        adjust=any(p.penalised or len(seq.output_token_ids) < p.min_tokens for p, seq in params),
-        logprobs=any(p.logprobs is not None for p, _ in params),
-    )
 
 
 def _abstract(tree):

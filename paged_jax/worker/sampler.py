@@ -2,16 +2,18 @@
 
 The sampler sees one row of logits per sequence that samples this step, with that row's
 parameters as arrays, so one compiled function serves a batch mixing greedy and random
-requests. Processing follows vLLM: penalties and min_tokens on the raw logits, then greedy
-rows take the argmax; others divide by temperature, keep the top_k and the top_p nucleus,
-drop tokens below min_p x the top probability, and sample by inverting the cumulative
-distribution.
-Logprobs are those of the raw model distribution (`score`, which also scores a prompt's own
-tokens).
+requests. Processing follows vLLM: a grammar's mask first (tokens it disallows get -inf, as
+vLLM applies the bitmask to the model's logits), then logit_bias, penalties and min_tokens,
+then greedy rows take the argmax; others divide by temperature, keep the top_k and the top_p
+nucleus, drop tokens below min_p x the top probability, and sample by inverting the
+cumulative distribution.
+Logprobs are those of the masked model distribution (`score`, which also scores a prompt's
+own tokens): as in vLLM, they see the grammar and not the bias or penalties.
 
 Features with a cost (filtering, which sorts the vocabulary; penalties, which scatter the
-token history; logprobs) are static switches of the compiled sampler, on only when a row in
-the batch asks for them.
+token history; grammar masks, unpacked over the vocabulary; logit_bias; logprobs) are static
+switches of the compiled sampler, on only when a row in the batch asks for them: their inputs
+are one column wide otherwise, so rows without them pay nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class SamplerFlags(NamedTuple):
     filter: bool  # some row uses top_k / top_p
     adjust: bool  # some row uses penalties or has tokens banned by min_tokens
     logprobs: bool  # some row asks for logprobs
+    mask: bool = False  # some row follows a grammar (structured outputs)
+    bias: bool = False  # some row has a logit_bias
 
 
 @flax.struct.dataclass
@@ -52,12 +56,18 @@ class SamplingBatch:
     history: jax.Array  # int32[S, H]: prompt + output tokens, -1 padded (H = 1 unless adjusting)
     output_start: jax.Array  # int32[S]: where the output begins in history
     banned: jax.Array  # int32[S, K]: tokens that may not be sampled now (min_tokens), -1 padded
+    # The tokens each row may sample, packed: bit v % 32 of word v // 32 (xgrammar's layout);
+    # all ones for a row without a grammar. W = ceil(V / 32) when masking, else 1.
+    bitmask: jax.Array  # int32[S, W]
+    bias_tokens: jax.Array  # int32[S, B]: logit_bias's tokens, -1 padded (B = 1 unless biasing)
+    bias_values: jax.Array  # float32[S, B]: what each adds to its logit
 
 
 def empty_batch(num_rows: int) -> dict[str, np.ndarray]:
     """SamplingBatch fields (numpy) for num_rows rows that sample nothing special (greedy, no
-    filter, penalty or ban): what pads a step's batch, and the start of a real one, whose rows
-    are then filled in place. `SamplingBatch(**empty_batch(n))` feeds `sample` outside a step."""
+    filter, penalty, ban, grammar or bias): what pads a step's batch, and the start of a real
+    one, whose rows are then filled in place. `SamplingBatch(**empty_batch(n))` feeds `sample`
+    outside a step."""
     return dict(
         temperature=np.zeros(num_rows, np.float32), top_k=np.zeros(num_rows, np.int32),
         top_p=np.ones(num_rows, np.float32), min_p=np.zeros(num_rows, np.float32),
@@ -65,6 +75,8 @@ def empty_batch(num_rows: int) -> dict[str, np.ndarray]:
         presence=np.zeros(num_rows, np.float32), frequency=np.zeros(num_rows, np.float32),
         repetition=np.ones(num_rows, np.float32), history=np.full((num_rows, 1), -1, np.int32),
         output_start=np.zeros(num_rows, np.int32), banned=np.full((num_rows, 1), -1, np.int32),
+        bitmask=np.full((num_rows, 1), -1, np.int32), bias_tokens=np.full((num_rows, 1), -1, np.int32),
+        bias_values=np.zeros((num_rows, 1), np.float32),
     )
 
 
@@ -74,6 +86,21 @@ class SamplerOutput(NamedTuple):
     ranks: jax.Array  # int32[S]: its rank in the whole vocabulary, 1 = most likely (0 when not requested)
     top_ids: jax.Array  # int32[S, MAX_LOGPROBS] (width 0 when not requested)
     top_logprobs: jax.Array  # float32[S, MAX_LOGPROBS]
+
+
+def _mask(logits, bitmask):
+    """-inf where a row's packed bitmask has a 0 bit: tokens its grammar does not allow now."""
+    num_rows, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32], low bit first
+    allowed = bits.reshape(num_rows, -1)[:, :vocab] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def _bias(logits, batch: SamplingBatch):
+    """logit_bias: each row's values added to its tokens' logits."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    tokens = jnp.where(batch.bias_tokens >= 0, batch.bias_tokens, logits.shape[1])  # padding is dropped
+    return logits.at[rows, tokens].add(batch.bias_values, mode="drop")
 
 
 def _adjust(logits, batch: SamplingBatch):
@@ -139,7 +166,11 @@ def _inverse_cdf(weights, batch: SamplingBatch, width: int = 128):
 @functools.partial(jax.jit, static_argnames=("flags",))
 def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
     """logits float32[S, V] -> one token per row."""
+    if flags.mask:
+        logits = _mask(logits, batch.bitmask)
     raw = logits
+    if flags.bias:
+        logits = _bias(logits, batch)
     if flags.adjust:
         logits = _adjust(logits, batch)
     tokens = _argmax(logits)
