@@ -73,9 +73,10 @@ def _valid(text):
     return isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get("size"), int)
 """
 
-OURS = MEASURE + """
-from paged_jax import LLM, SamplingParams, StructuredOutputsParams
-llm = LLM(work["model"], max_model_len=256, background_compile=False)
+# Both systems spell the requests alike (vLLM's API is ours); only the imports and the engine differ.
+SYSTEM = """
+{imports}
+llm = {engine}
 def free(i):
     return SamplingParams(temperature=1.0, seed=i, max_tokens=work["max_tokens"], ignore_eos=True)
 def constrained(i):
@@ -83,18 +84,11 @@ def constrained(i):
                           structured_outputs=StructuredOutputsParams(json=work["schema"]))
 measure(lambda prompts, params: llm.generate(prompts, params, use_tqdm=False), free, constrained)
 """
-
-VLLM = MEASURE + """
-from vllm import LLM, SamplingParams
-from vllm.sampling_params import StructuredOutputsParams
-llm = LLM(model=work["model"], max_model_len=256, seed=0)
-def free(i):
-    return SamplingParams(temperature=1.0, seed=i, max_tokens=work["max_tokens"], ignore_eos=True)
-def constrained(i):
-    return SamplingParams(temperature=1.0, seed=i, max_tokens=work["max_tokens"],
-                          structured_outputs=StructuredOutputsParams(json=work["schema"]))
-measure(lambda prompts, params: llm.generate(prompts, params, use_tqdm=False), free, constrained)
-"""
+OURS = MEASURE + SYSTEM.format(imports="from paged_jax import LLM, SamplingParams, StructuredOutputsParams",
+                               engine='LLM(work["model"], max_model_len=256, background_compile=False)')
+VLLM = MEASURE + SYSTEM.format(
+    imports="from vllm import LLM, SamplingParams\nfrom vllm.sampling_params import StructuredOutputsParams",
+    engine='LLM(model=work["model"], max_model_len=256, seed=0)')
 
 
 def run(python: str, script: str, work: dict) -> dict:

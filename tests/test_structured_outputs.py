@@ -14,6 +14,7 @@ padded has. The server is started once for the module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -197,14 +198,21 @@ def test_without_xgrammar_a_constrained_request_fails_alone_naming_the_extra(llm
 # -- the server ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory):
+@contextlib.contextmanager
+def served(model_dir, chat_template: str, tmp_path_factory):
+    """The test model behind a real server with this chat template file, and a client of it."""
     flags = [x for k, v in ENGINE.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    args = [str(model_dir), "--served-model-name", "tiny", "--chat-template", str(model_dir / "template.jinja"),
+    args = [str(model_dir), "--served-model-name", "tiny", "--chat-template", str(model_dir / chat_template),
             "--uvicorn-log-level", "warning", *flags]
     log = tmp_path_factory.mktemp("server_log") / "server.log"
     with running_server(args, log) as url, \
             openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, tmp_path_factory):
+    with served(model_dir, "template.jinja", tmp_path_factory) as c:
         yield c
 
 

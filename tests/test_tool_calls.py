@@ -18,8 +18,7 @@ from types import SimpleNamespace
 import jsonschema
 import openai
 import pytest
-from server_process import running_server
-from test_structured_outputs import ENGINE, SAMPLING, SCHEMA, TIMEOUT, model_dir  # noqa: F401 - a fixture
+from test_structured_outputs import SAMPLING, SCHEMA, model_dir, served  # noqa: F401 - a fixture
 
 from paged_jax.server.chat_template import ChatTemplate
 from paged_jax.server.protocol import ChatCompletionRequest
@@ -140,12 +139,7 @@ def test_tools_and_a_conversation_with_calls_reach_the_template_as_transformers_
 @pytest.fixture(scope="module")
 def client(model_dir, tmp_path_factory):  # noqa: F811 - model_dir is the fixture
     (model_dir / "hermes.jinja").write_text(HERMES)
-    flags = [x for k, v in ENGINE.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    args = [str(model_dir), "--served-model-name", "tiny", "--chat-template", str(model_dir / "hermes.jinja"),
-            "--uvicorn-log-level", "warning", *flags]
-    log = tmp_path_factory.mktemp("server_log") / "server.log"
-    with running_server(args, log) as url, \
-            openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=TIMEOUT) as c:
+    with served(model_dir, "hermes.jinja", tmp_path_factory) as c:
         yield c
 
 
