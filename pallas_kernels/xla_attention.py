@@ -47,10 +47,10 @@ MIN_TILES_TO_GROUP = 16
 # step for a 64 MiB cache, against 0.05 ms for uint16 or float32); a bitcast of the donated
 # cache inside the step copies it too (26 ms). So the cache is made uint16, writes bitcast the
 # new tokens and reads bitcast the pages they gather (experiments/results/dtype_cpu.md).
-# float8 is widened the same way, to float16 (a write of 4 tokens into two 64 MiB pools: 176 ms
-# float8_e4m3fn, 142 ms float8_e5m2, 0.013 ms uint8; bitcasting the pools around the scatter:
-# 37 ms), so float8_e4m3fn, vLLM's "fp8", is stored as uint8. uint8 can name only one format:
-# float8_e5m2 pages stay float8_e5m2 here, and their writes pay the widening.
+# float8 is widened the same way, to float16 (the compiled scatter shows it; a write takes
+# thousands of times a uint8 one), so float8_e4m3fn, vLLM's "fp8", is stored as uint8. uint8
+# can name only one format: float8_e5m2 pages stay float8_e5m2 here, and their writes pay the
+# widening.
 STORED_AS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float8_e4m3fn): jnp.dtype(jnp.uint8)}
 HELD_IN = {stored: held for held, stored in STORED_AS.items()}
 
