@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from paged_jax.kv import allocator
-from paged_jax.kv.interface import NULL_BLOCK, MemoryUsage, Tables, final_length, held_blocks
+from paged_jax.kv.interface import NULL_BLOCK, MemoryUsage, Tables, final_length, first_held, held_blocks, num_held
 from paged_jax.kv.prefix_cache import ROOT, PrefixCache, block_name
 from paged_jax.sequence import Sequence, SequenceGroup
 
@@ -170,7 +170,7 @@ class BlockManager:
         for group in groups:
             for seq in group.active:
                 for table in self.tables(seq):
-                    first = next((i for i, b in enumerate(table) if b != NULL_BLOCK), len(table)) * bs
+                    first = first_held(table) * bs
                     end = len(table) * bs
                     used = max(0, min(final_length(group), end) - first)  # slots its tokens will ever fill
                     computed = min(max(0, seq.num_computed_tokens - first), used)
@@ -182,7 +182,7 @@ class BlockManager:
     def blocks_named_and_used(self, groups: list[SequenceGroup]) -> tuple[int, int]:
         """(blocks the running sequences' tables name, blocks in use): what sharing saves is
         the difference (Fig. 15)."""
-        named = sum(len(held_blocks(self.tables(s))) for g in groups for s in g.active)
+        named = sum(num_held(self.tables(s)) for g in groups for s in g.active)
         return named, (self.num_blocks - self.num_free_blocks) if named else 0
 
     def unique_blocks(self, seqs: list[Sequence]) -> list[int]:
@@ -208,11 +208,10 @@ class BlockManager:
     def leave_windows(self, seq: Sequence) -> None:
         """Free the blocks of seq's sliding groups that no token still to come reads."""
         for window, table in zip(self.windows, self.tables(seq)):
-            gone = [i for i in range(min(self.first_needed(window, seq.num_computed_tokens), len(table)))
-                    if table[i] != NULL_BLOCK]
-            self._release([table[i] for i in gone])
-            for i in gone:
-                table[i] = NULL_BLOCK
+            gone = range(first_held(table), min(self.first_needed(window, seq.num_computed_tokens), len(table)))
+            if gone:  # (most steps free nothing, and the allocator's state is copied on each call)
+                self._release([table[i] for i in gone])
+                table[gone.start : gone.stop] = [NULL_BLOCK] * len(gone)
 
     def grow(self, growth: list[tuple[Sequence, int]]) -> bool:
         """Give each sequence enough blocks for its token count and make the blocks it writes
@@ -372,7 +371,7 @@ class BlockManager:
     def can_swap_in(self, growth: list[tuple[Sequence, int]]) -> bool:
         """Their host blocks come back, plus what the next tokens need, keeping the watermark;
         each reference to a shared block counts, which is enough for any copy-on-write."""
-        return self.can_admit(sum(len(held_blocks(seq.block_tables)) + self.blocks_to_grow(seq, tokens)
+        return self.can_admit(sum(num_held(seq.block_tables) + self.blocks_to_grow(seq, tokens)
                                   for seq, tokens in growth))
 
     def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:

@@ -28,6 +28,21 @@ def held_blocks(tables: Tables) -> list[int]:
     return [b for table in tables for b in table if b != NULL_BLOCK]
 
 
+def first_held(table: list[int]) -> int:
+    """The index of a table's first held block: a window frees a table from its front, so the
+    NULL entries are a prefix, and counting what a table holds never walks the blocks it holds
+    (the engine counts them every step)."""
+    i = 0
+    while i < len(table) and table[i] == NULL_BLOCK:
+        i += 1
+    return i
+
+
+def num_held(tables: Tables) -> int:
+    """How many blocks the tables hold."""
+    return sum(len(table) - first_held(table) for table in tables)
+
+
 @dataclass(frozen=True)
 class MemoryUsage:
     """KV cache slots by what they hold at one moment (Fig. 2's categories)."""
