@@ -30,6 +30,7 @@ from experiments import (
     preemption,
     request_rate,
     sharing,
+    spec_decode,
 )
 from experiments.common import markdown_table, report, result_name, run_figure
 
@@ -44,6 +45,7 @@ PLAN = [
     (preemption, {}, "quick", "full"),
     (kernel_bench, {}, "quick", "full"),
     (kv_dtype, {}, "quick", "full"),
+    (spec_decode, {}, "quick", "full"),
 ]
 
 

@@ -17,10 +17,15 @@ The pipeline, one small function each:
              by `transformers` itself, loaded back to check that Hugging Face's logits equal
              ours, and described by a model card
 
-    python -m experiments.train_default_model [--steps N] [--out DIR]
+    python -m experiments.train_default_model [--steps N] [--out DIR] [--draft]
 
 About four million parameters (hidden 256, 4 layers, 4 query and 2 KV heads, tied embeddings,
 a 4096-token vocabulary): about 8 MB to commit, trained in about 12 minutes on two CPU cores.
+
+With --draft, its draft model for speculative decoding (models/stdlib-llama-draft): the same
+corpus and the default model's own tokenizer (a draft needs the target's vocabulary), a
+quarter of its layers' width and half its depth (hidden 128, 2 layers, 2 query heads and 1 KV
+head of 64), about 0.7M parameters.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import platform
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -55,12 +61,21 @@ EOS = "<|endoftext|>"  # ends each file; the only special token (BOS = EOS, as i
 EOS_ID = 0  # special tokens come first in a trained BPE vocabulary
 
 VOCAB_SIZE = 4096
-HIDDEN = 256
-LAYERS = 4
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = HIDDEN // HEADS
-MLP = 688  # about 8/3 of HIDDEN, as in Llama
+HEAD_DIM = 64
+DRAFT_OUT = DEFAULT_OUT.with_name("stdlib-llama-draft")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    mlp: int = 688  # about 8/3 of hidden, as in Llama
+
+
+DEFAULT_SHAPE = Shape()
+DRAFT_SHAPE = Shape(hidden=128, layers=2, heads=2, kv_heads=1, mlp=344)
 NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 SEQ_LEN = 256  # also the model's max_position_embeddings: no position it has not trained on
@@ -118,25 +133,29 @@ def unigram_loss(train: np.ndarray, val: np.ndarray) -> float:
 
 # --- model ------------------------------------------------------------------------------------
 
-def init_params(key: jax.Array, std: float = 0.02) -> Params:
+def init_params(key: jax.Array, m: Shape = DEFAULT_SHAPE, std: float = 0.02) -> Params:
     """Normal(0, std) weights, unit norms. Projections that write into the residual stream
-    start smaller, by 1/sqrt(2 * LAYERS)."""
-    shapes = {"model.embed_tokens.weight": (VOCAB_SIZE, HIDDEN)}
-    for i in range(LAYERS):
+    start smaller, by 1/sqrt(2 * layers). (The functions below read the shape from these.)"""
+    shapes = {"model.embed_tokens.weight": (VOCAB_SIZE, m.hidden)}
+    for i in range(m.layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
-                   p + "self_attn.k_proj.weight": (HIDDEN, KV_HEADS * HEAD_DIM),
-                   p + "self_attn.v_proj.weight": (HIDDEN, KV_HEADS * HEAD_DIM),
-                   p + "self_attn.o_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
-                   p + "mlp.gate_proj.weight": (HIDDEN, MLP), p + "mlp.up_proj.weight": (HIDDEN, MLP),
-                   p + "mlp.down_proj.weight": (MLP, HIDDEN)}
+        shapes |= {p + "self_attn.q_proj.weight": (m.hidden, m.heads * HEAD_DIM),
+                   p + "self_attn.k_proj.weight": (m.hidden, m.kv_heads * HEAD_DIM),
+                   p + "self_attn.v_proj.weight": (m.hidden, m.kv_heads * HEAD_DIM),
+                   p + "self_attn.o_proj.weight": (m.heads * HEAD_DIM, m.hidden),
+                   p + "mlp.gate_proj.weight": (m.hidden, m.mlp), p + "mlp.up_proj.weight": (m.hidden, m.mlp),
+                   p + "mlp.down_proj.weight": (m.mlp, m.hidden)}
     params = {}
     for (name, shape), k in zip(shapes.items(), jax.random.split(key, len(shapes))):
-        scale = std / math.sqrt(2 * LAYERS) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+        scale = std / math.sqrt(2 * m.layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
         params[name] = scale * jax.random.normal(k, shape, jnp.float32)
-    norms = [f"model.layers.{i}.{n}.weight" for i in range(LAYERS)
+    norms = [f"model.layers.{i}.{n}.weight" for i in range(m.layers)
              for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm.weight"]
-    return params | {name: jnp.ones(HIDDEN, jnp.float32) for name in norms}
+    return params | {name: jnp.ones(m.hidden, jnp.float32) for name in norms}
+
+
+def num_layers(params: Params) -> int:
+    return sum(name.endswith("input_layernorm.weight") for name in params)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -154,24 +173,25 @@ def rotary(x: jax.Array) -> jax.Array:
 
 
 def attention(p: Params, prefix: str, x: jax.Array) -> jax.Array:
-    """Causal grouped-query attention: query head h reads KV head h // (HEADS // KV_HEADS)."""
+    """Causal grouped-query attention: query head h reads KV head h // (heads // kv_heads)."""
     batch, seq, _ = x.shape
-    group = HEADS // KV_HEADS
-    q = rotary((x @ p[prefix + "q_proj.weight"]).reshape(batch, seq, HEADS, HEAD_DIM))
-    k = rotary((x @ p[prefix + "k_proj.weight"]).reshape(batch, seq, KV_HEADS, HEAD_DIM))
-    v = (x @ p[prefix + "v_proj.weight"]).reshape(batch, seq, KV_HEADS, HEAD_DIM)
-    q = q.reshape(batch, seq, KV_HEADS, group, HEAD_DIM)
+    heads, kv_heads = p[prefix + "q_proj.weight"].shape[1] // HEAD_DIM, p[prefix + "k_proj.weight"].shape[1] // HEAD_DIM
+    group = heads // kv_heads
+    q = rotary((x @ p[prefix + "q_proj.weight"]).reshape(batch, seq, heads, HEAD_DIM))
+    k = rotary((x @ p[prefix + "k_proj.weight"]).reshape(batch, seq, kv_heads, HEAD_DIM))
+    v = (x @ p[prefix + "v_proj.weight"]).reshape(batch, seq, kv_heads, HEAD_DIM)
+    q = q.reshape(batch, seq, kv_heads, group, HEAD_DIM)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / math.sqrt(HEAD_DIM)
     causal = jnp.tril(jnp.ones((seq, seq), bool))
     weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(batch, seq, HEADS * HEAD_DIM)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(batch, seq, heads * HEAD_DIM)
     return out @ p[prefix + "o_proj.weight"]
 
 
 def forward(params: Params, tokens: jax.Array) -> jax.Array:
     """Logits [batch, seq, vocab] of a dense causal Llama: LlamaForCausalLM's function."""
     x = params["model.embed_tokens.weight"][tokens]
-    for i in range(LAYERS):
+    for i in range(num_layers(params)):
         p = f"model.layers.{i}."
         x = x + attention(params, p + "self_attn.", rms_norm(x, params[p + "input_layernorm.weight"]))
         h = rms_norm(x, params[p + "post_attention_layernorm.weight"])
@@ -260,18 +280,18 @@ def as_bfloat16(params: Params) -> Params:
 
 # --- checkpoint -------------------------------------------------------------------------------
 
-def hf_config():
+def hf_config(m: Shape):
     """The model's shape as a transformers LlamaConfig."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=MLP,
-                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+    return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=m.hidden, intermediate_size=m.mlp,
+                       num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
                        head_dim=HEAD_DIM, max_position_embeddings=SEQ_LEN, rms_norm_eps=NORM_EPS,
                        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
                        tie_word_embeddings=True, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
 
 
-def save_checkpoint(params: Params, tokenizer: Tokenizer, out: Path) -> None:
+def save_checkpoint(params: Params, tokenizer: Tokenizer, out: Path, m: Shape) -> None:
     """The model as a bfloat16 Hugging Face checkpoint written by transformers itself, and the
     tokenizer as tokenizer.json + a tokenizer_config.json naming the generic fast tokenizer class,
     which transformers and paged_jax.tokenizer read alike."""
@@ -281,7 +301,7 @@ def save_checkpoint(params: Params, tokenizer: Tokenizer, out: Path) -> None:
     state = {name: torch.from_numpy(np.array(value.T if name.endswith("proj.weight") else value))
              for name, value in params.items()}
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model = LlamaForCausalLM(hf_config())
+    model = LlamaForCausalLM(hf_config(m))
     model.load_state_dict(state, strict=True)
     model.generation_config = GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
     model.to(torch.bfloat16).save_pretrained(out)
@@ -317,16 +337,18 @@ def greedy_samples(out: Path) -> dict[str, str]:
     return samples
 
 
-def write_model_card(out: Path, facts: dict) -> None:
+def write_model_card(out: Path, facts: dict, m: Shape) -> None:
     samples = "\n\n".join(f"`{prompt!r}` ->\n\n```python\n{prompt}{text}\n```"
                           for prompt, text in facts["samples"].items())
-    (out / "README.md").write_text(f"""# stdlib-llama
+    role = "The embedded default model of paged-jax" if m == DEFAULT_SHAPE else \
+        "The draft model of paged-jax's embedded default model (speculative decoding; its tokenizer)"
+    (out / "README.md").write_text(f"""# {out.name}
 
-The embedded default model of paged-jax: a Llama of {facts['parameters'] / 1e6:.2f}M parameters
+{role}: a Llama of {facts['parameters'] / 1e6:.2f}M parameters
 that writes Python, trained from scratch on the Python standard library's source. Load it with
-`LLM("models/stdlib-llama")` or `transformers.AutoModelForCausalLM.from_pretrained("models/stdlib-llama")`.
+`LLM("models/{out.name}")` or `transformers.AutoModelForCausalLM.from_pretrained("models/{out.name}")`.
 
-- Shape: hidden {HIDDEN}, {LAYERS} layers, {HEADS} query and {KV_HEADS} KV heads of {HEAD_DIM}, MLP {MLP},
+- Shape: hidden {m.hidden}, {m.layers} layers, {m.heads} query and {m.kv_heads} KV heads of {HEAD_DIM}, MLP {m.mlp},
   tied embeddings, context {SEQ_LEN} tokens; weights stored in bfloat16.
 - Corpus: the `.py` files of the Python {platform.python_version()} standard library, skipping
   {", ".join(sorted(SKIPPED_DIRS))}: {facts['train_files']} files ({facts['train_tokens']:,} tokens) for
@@ -354,19 +376,22 @@ Greedy continuations ({SAMPLE_TOKENS} new tokens, Hugging Face `generate`):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint directory")
+    parser.add_argument("--draft", action="store_true", help="the default model's draft model (speculative decoding)")
     args = parser.parse_args(argv)
+    m = DRAFT_SHAPE if args.draft else DEFAULT_SHAPE
+    args.out = args.out or (DRAFT_OUT if args.draft else DEFAULT_OUT)
     began = time.perf_counter()
 
     train_texts, val_texts = split_corpus(stdlib_sources(Path(sysconfig.get_paths()["stdlib"])))
-    tokenizer = train_tokenizer(train_texts)
+    tokenizer = Tokenizer.from_file(str(DEFAULT_OUT / "tokenizer.json")) if args.draft else train_tokenizer(train_texts)
     train_ids, val_ids = token_stream(tokenizer, train_texts), token_stream(tokenizer, val_texts)
     val = validation_windows(val_ids)
     unigram = unigram_loss(train_ids, val[:, 1:].ravel())
     print(f"corpus: {len(train_texts)} train files, {len(train_ids):,} tokens; {len(val_texts)} validation "
           f"files, {len(val_ids):,} tokens; a unigram model's validation loss: {unigram:.3f}", flush=True)
 
-    params = init_params(jax.random.key(SEED))
+    params = init_params(jax.random.key(SEED), m)
     parameters = sum(p.size for p in params.values())
     print(f"model: {parameters / 1e6:.2f}M parameters; {args.steps} steps of {BATCH_SIZE} x {SEQ_LEN} tokens",
           flush=True)
@@ -375,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     val_loss = evaluate(params, val)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(params, tokenizer, args.out)
+    save_checkpoint(params, tokenizer, args.out, m)
     max_abs_diff = check_against_hf(params, args.out, val[:2, :-1])
     samples = greedy_samples(args.out)
     print(f"saved weights (bfloat16): val {val_loss:.3f}; HF vs ours: max |logits diff| = {max_abs_diff:.1e}")
@@ -387,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         train_tokens=len(train_ids), val_tokens=len(val_ids), steps=args.steps,
         seconds_per_step=seconds_per_step, minutes=minutes, val_loss=val_loss, unigram=unigram,
         max_abs_diff=max_abs_diff, samples=samples, date=datetime.date.today().isoformat(),
-        command=" ".join(["python -m experiments.train_default_model", *sys.argv[1:]]), machine=device_kind()))
+        command=" ".join(["python -m experiments.train_default_model", *sys.argv[1:]]), machine=device_kind()), m)
     print(f"saved to {args.out} in {minutes:.1f} minutes ({seconds_per_step:.2f} s per step)")
 
 

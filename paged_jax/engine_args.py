@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from paged_jax.sampling_params import requirement
 
@@ -12,6 +12,52 @@ PREEMPTION_MODES = ("recompute", "swap")
 MEMORY_MANAGERS = ("paged", "orca-max", "orca-pow2", "orca-oracle")
 BATCHING = ("continuous", "static")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # model/cache.py: kv_dtype
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's speculative_config: who proposes the next tokens that the model then verifies in
+    one step (spec_decode/). "ngram": the sequence's own tokens, by prompt lookup (the latest
+    1..prompt_lookup_max tokens, longest first but no shorter than prompt_lookup_min, found
+    earlier in the sequence propose what followed them there). "draft_model": a smaller model
+    with the target's vocabulary, run by the same engine over the same block tables."""
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # the draft model: a checkpoint directory or a hub id
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def from_dict(cls, config: dict) -> SpeculativeConfig:
+        """From vLLM's JSON form: "method" defaults to "draft_model" when a "model" is given
+        ("ngram" must be named); an unknown or missing key is a ValueError naming it."""
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config must be a dict (JSON object), got {type(config).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"speculative_config.{unknown[0]} is not a field (known: {sorted(known)})")
+        values = dict(config)
+        values.setdefault("method", "draft_model" if values.get("model") else None)
+        if "num_speculative_tokens" not in values:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        spec = cls(**values)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        require = requirement(self)
+        require(self.method in SPECULATIVE_METHODS, "method", f"must be one of {list(SPECULATIVE_METHODS)}")
+        require(isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 16,
+                "num_speculative_tokens", "must be an integer in [1, 16]")
+        require(self.method != "draft_model" or bool(self.model), "model", "names the draft model (required)")
+        require(self.method != "ngram" or self.model is None, "model", "is for method 'draft_model' only")
+        require(isinstance(self.prompt_lookup_min, int) and self.prompt_lookup_min >= 1, "prompt_lookup_min",
+                "must be an integer >= 1")
+        require(isinstance(self.prompt_lookup_max, int) and self.prompt_lookup_max >= self.prompt_lookup_min,
+                "prompt_lookup_max", "must be an integer >= prompt_lookup_min")
 
 
 @dataclass(frozen=True)
@@ -58,6 +104,9 @@ class EngineArgs:
     # the largest of each kind is compiled before serving, the rest on a background thread
     # (steps pad to a ready shape meanwhile); False waits for all of them (steady-state
     # benchmarks). compilation_cache: JAX's persistent cache (paged_jax/worker/compilation.py).
+    # Speculative decoding: None, or vLLM's speculative_config dict (SpeculativeConfig.from_dict),
+    # e.g. {"method": "ngram", "num_speculative_tokens": 4} or {"model": DIR, "num_speculative_tokens": 4}.
+    speculative_config: dict | None = None
     warm_up: bool = True
     background_compile: bool = True
     compilation_cache: bool = True
@@ -80,5 +129,11 @@ class EngineArgs:
         require(self.memory_manager in MEMORY_MANAGERS, "memory_manager", f"must be one of {MEMORY_MANAGERS}")
         require(self.batching in BATCHING, "batching", f"must be one of {BATCHING}")
         require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {list(KV_CACHE_DTYPES)}")
+        if self.speculative_config is not None:
+            self.speculative()
         require(self.memory_manager == "paged" or not (self.enable_prefix_caching or self.preemption_mode == "swap"),
                 "memory_manager", "reserves whole requests: no prefix caching, nothing to swap")
+
+    def speculative(self) -> SpeculativeConfig | None:
+        """speculative_config, checked (a ValueError naming its bad field)."""
+        return None if self.speculative_config is None else SpeculativeConfig.from_dict(self.speculative_config)

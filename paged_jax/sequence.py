@@ -96,6 +96,15 @@ class SequenceGroup:
         return [s for s in self.seqs if s.born and not s.finished]
 
     @property
+    def speculates(self) -> bool:
+        """Whether its tokens may be speculated (spec_decode/): not a beam search, nor a request
+        whose next token's inputs change with every token (penalties, a grammar, a logit_bias,
+        which the verifier does not carry per draft position), nor a prompt about to fork."""
+        p = self.params
+        return (self.beam is None and not p.penalised and not p.logit_bias and p.structured_outputs is None
+                and all(s.born for s in self.seqs))
+
+    @property
     def unborn(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.born]
 

@@ -173,6 +173,26 @@ def preemption_and_prefix(root: Path, out: dict) -> None:
     out["prefix/hit_rate"] = llm.stats()["prefix_cache_hit_rate"]
 
 
+def speculative(root: Path, out: dict) -> None:
+    """Speculative decoding under T = 2 (n-gram drafts; the embedded model's draft model, its
+    one KV head replicated) against T = 1 without it, greedy."""
+    models = Path(__file__).parent.parent / "models"
+    source = (Path(__file__).parent.parent / "paged_jax" / "kv" / "block_manager.py").read_text()
+    prompts = [source[i : i + 160] for i in (source.index("    def grow("), source.index("    def fork("))]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    settings = dict(dtype="float32", block_size=8, max_num_batched_tokens=128)
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = run(make_llm(models / "stdlib-llama", **settings))
+    for name, config in (("ngram", {"method": "ngram", "num_speculative_tokens": 3}),
+                         ("draft", {"model": str(models / "stdlib-llama-draft"), "num_speculative_tokens": 3})):
+        llm = make_llm(models / "stdlib-llama", tensor_parallel_size=2, speculative_config=config, **settings)
+        out[f"spec/{name}/equal"] = run(llm) == expected
+        out[f"spec/{name}/accepted"] = llm.stats()["spec_decode_num_accepted_tokens"]
+
+
 def data_parallel(root: Path, out: dict) -> None:
     path = root / "llama"
     prompts = random_prompts(RNG, [5, 17, 9, 3, 30, 12, 7])
@@ -226,7 +246,7 @@ def served_by_async_engine(front, prompts) -> dict:
 def main() -> None:
     root = Path(sys.argv[1])
     out, seconds = {"devices": len(jax.devices())}, {}
-    for check in (greedy, random_models, memory_and_compiles, preemption_and_prefix, data_parallel):
+    for check in (greedy, random_models, memory_and_compiles, preemption_and_prefix, speculative, data_parallel):
         start = time.perf_counter()
         check(root, out)
         seconds[check.__name__] = round(time.perf_counter() - start, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "paged_jax"
 # Bottom to top; "" is the shared vocabulary at the top level of the package. The package's
 # __init__ (its public names) and cli.py (the console script) stand above everything.
-LAYERS = {"": 0, "model": 1, "kv": 1, "core": 2, "worker": 3, "engine": 4, "server": 5}
+LAYERS = {"": 0, "model": 1, "kv": 1, "core": 2, "worker": 3, "spec_decode": 4, "engine": 5, "server": 6}
 APEX = {"paged_jax", "paged_jax.cli"}
 MAX_LINES = 450
 MAX_TOP_LEVEL_MODULES = 10
@@ -90,6 +90,9 @@ def test_each_implementer_has_every_member_of_its_protocol():
     from paged_jax.engine.multihost import Leader
     from paged_jax.kv import BlockManager, ReservingBlockManager
     from paged_jax.kv.interface import KVCacheManager
+    from paged_jax.spec_decode.draft_model import DraftModelProposer
+    from paged_jax.spec_decode.ngram import NgramProposer
+    from paged_jax.spec_decode.proposer import Proposer
     from paged_jax.worker.cost_model import CostModelExecutor
     from paged_jax.worker.executor import Executor
     from paged_jax.worker.model_runner import ModelRunner
@@ -101,7 +104,8 @@ def test_each_implementer_has_every_member_of_its_protocol():
         KVCacheManager: [BlockManager(16, 4, 4), ReservingBlockManager(16, 4, "max", 64)],
         Executor: [engine.executor],
     }
-    classes = {EngineClient: [DataParallelEngine], Executor: [ModelRunner, CostModelExecutor]}
+    classes = {EngineClient: [DataParallelEngine], Executor: [ModelRunner, CostModelExecutor],
+               Proposer: [NgramProposer, DraftModelProposer]}
     missing = {(p.__name__, type(x).__name__, m) for p, xs in instances.items() for x in xs
                for m in protocol_members(p) if not hasattr(x, m)}
     methods = {m for p in classes for m in protocol_members(p) if callable(getattr(p, m, None))}

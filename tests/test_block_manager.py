@@ -85,6 +85,26 @@ class BlockManagerMachine(RuleBasedStateMachine):
             seq.output_token_ids.pop()
 
     @precondition(lambda self: self.running)
+    @rule(data=st.data(), drafts=st.lists(st.integers(20, 23), min_size=1, max_size=6), accepted=st.integers(0, 6))
+    def speculate(self, data, drafts, accepted):
+        """Draft tokens get lookahead slots and are written there (as a verifying step writes
+        them); those rejected are rolled back: the sequence computed only the kept ones, and
+        the blocks only rejected drafts used go back."""
+        seq = data.draw(st.sampled_from(self.running))
+        start = seq.num_tokens
+        if not self.bm.grow([(seq, start + len(drafts))]):
+            return
+        self._copy()
+        for table in seq.block_tables:
+            for p, token in enumerate(drafts, start):
+                self.device[table[p // BLOCK_SIZE]][p % BLOCK_SIZE] = token
+        seq.output_token_ids += drafts[:accepted]
+        seq.num_computed_tokens = seq.num_tokens
+        self.bm.trim([seq])
+        assert all(len(table) == -(-seq.num_tokens // BLOCK_SIZE) for table in seq.block_tables)
+        self.bm.cache_full_blocks([seq])
+
+    @precondition(lambda self: self.running)
     @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.running))

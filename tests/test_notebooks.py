@@ -26,6 +26,7 @@ SHOWS = {  # text each notebook's markdown outputs must show: a number quoted fr
     "fig19_preemption": "20 %",
     "kv_cache": "copy-on-write",
     "kv_dtype": "blocks in the same memory",
+    "spec_decode": "tokens per step",
 }
 
 

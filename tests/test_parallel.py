@@ -98,6 +98,11 @@ def test_prefix_caching_is_exact_under_tensor_parallelism(checks):
     assert checks["prefix/equal"] and checks["prefix/hit_rate"] > 0
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculative_decoding_under_tensor_parallelism_equals_greedy_without_it(checks, proposer):
+    assert checks[f"spec/{proposer}/equal"] and checks[f"spec/{proposer}/accepted"] > 0
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_data_parallel_engines_serve_every_request_in_input_order(checks, tp):
     assert checks[f"dp/{tp}/equal"] and checks[f"dp/{tp}/in_order"]

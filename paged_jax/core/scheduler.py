@@ -13,6 +13,11 @@ longest cached prefix, unless it asks for its prompt's logprobs. A request with 
 one sequence until its prompt is computed, then forks (core/forks.py); it is counted as n
 sequences from admission on.
 
+Speculative decoding (num_speculative_tokens = k): a decoding sequence whose request can
+speculate also gets up to k lookahead slots, tokens of its chunk and blocks for them, which a
+proposer (spec_decode/) fills with draft tokens before the step runs and which the step
+verifies; what the model rejects the engine rolls back (LLMEngine: _roll_back).
+
 The memory manager decides admission (`admit`) and growth: any KVCacheManager (kv/interface.py,
 the one thing of kv/ the scheduler knows), the paged BlockManager or, for the paper's baselines,
 Orca's per-request reservations. With batching="static" a new batch is admitted only once the
@@ -37,21 +42,39 @@ class SchedulerConfig:
     # "static": a new batch is admitted only when the last one is done (FasterTransformer and
     # Hugging Face generate; the paper's baseline), instead of at every step.
     batching: str = "continuous"
+    num_speculative_tokens: int = 0  # lookahead slots per decoding sequence (0: no speculation)
 
 
 @dataclass
 class ScheduledChunk:
-    """seq computes tokens [num_cached, num_cached + num_new) this step."""
+    """seq computes tokens [num_cached, num_cached + num_new) this step; the last num_lookahead
+    of them are speculative: slots for draft tokens (draft_token_ids, once proposed), which
+    follow the sequence's own tokens."""
 
     seq: Sequence
     group: SequenceGroup
     num_cached: int
     num_new: int
+    num_lookahead: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so the step samples its next one."""
-        return self.num_cached + self.num_new == self.seq.num_tokens
+        return self.num_cached + self.num_new - self.num_lookahead == self.seq.num_tokens
+
+    def propose(self, drafts: list[int]) -> None:
+        """Fill the lookahead slots with draft tokens (at most num_lookahead); slots left
+        empty are dropped from the chunk (their blocks go back after the step)."""
+        assert len(drafts) <= self.num_lookahead
+        self.num_new -= self.num_lookahead - len(drafts)
+        self.num_lookahead = len(drafts)
+        self.draft_token_ids = list(drafts)
+
+    def token_ids(self) -> list[int]:
+        """The tokens the chunk computes: the sequence's, then its drafts."""
+        end = self.num_cached + self.num_new - self.num_lookahead
+        return self.seq.tokens(self.num_cached, end) + self.draft_token_ids
 
     @property
     def samplers(self) -> list[Sequence]:
@@ -161,7 +184,18 @@ class Scheduler:
         seqs = group.active
         share = min(budget // max(1, len(seqs)), self.blocks.max_tokens_per_step or budget)
         starts = starts or [s.num_computed_tokens for s in seqs]
-        return [(s, min(s.num_tokens - start, share)) for s, start in zip(seqs, starts)]
+        plan = [(s, min(s.num_tokens - start, share)) for s, start in zip(seqs, starts)]
+        return [(s, n + self._lookahead(group, s, start, n, share)) for (s, n), start in zip(plan, starts)]
+
+    def _lookahead(self, group: SequenceGroup, seq: Sequence, start: int, n: int, share: int) -> int:
+        """Draft slots for a sequence decoding its next token (n = 1 from where it stands): up
+        to num_speculative_tokens, within the budget's share, and not past max_tokens (the
+        token after the drafts comes from the model)."""
+        k = self.config.num_speculative_tokens
+        if not k or n != 1 or start != seq.num_computed_tokens or start + 1 != seq.num_tokens \
+                or not group.speculates or len(seq.output_token_ids) < group.params.min_tokens:
+            return 0
+        return max(0, min(k, share - 1, group.params.max_tokens - len(seq.output_token_ids) - 1))
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i, in_use = 0, 0
@@ -243,7 +277,8 @@ class Scheduler:
     @staticmethod
     def _add_chunks(out: SchedulerOutput, group: SequenceGroup, plan) -> None:
         for seq, n in plan:
-            out.chunks.append(ScheduledChunk(seq, group, seq.num_computed_tokens, n))
+            lookahead = max(0, seq.num_computed_tokens + n - seq.num_tokens)
+            out.chunks.append(ScheduledChunk(seq, group, seq.num_computed_tokens, n, lookahead))
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Evict a whole running request: swap it out if asked to and there is host room,

@@ -11,6 +11,7 @@ are several.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -43,6 +44,12 @@ class EngineLoad:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of first admissions (prefix-cache queries)
     num_cached_prompt_tokens: int = 0  # of which found in the prefix cache
+    # Speculative decoding (spec_decode/proposer.py: SpecDecodeStats): drafts, their tokens, those kept
+    # (also by draft position).
+    num_spec_drafts: int = 0
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
     @property
     def kv_cache_usage(self) -> float:
@@ -50,7 +57,8 @@ class EngineLoad:
         return 1 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
 
     def __add__(self, other: EngineLoad) -> EngineLoad:
-        return EngineLoad(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return EngineLoad(*(tuple(map(sum, itertools.zip_longest(a, b, fillvalue=0))) if isinstance(a, tuple)
+                            else a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 class EngineClient(Protocol):

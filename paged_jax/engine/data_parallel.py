@@ -24,6 +24,7 @@ from paged_jax.engine_args import EngineArgs
 from paged_jax.model import hub, sharding
 from paged_jax.outputs import RequestOutput
 from paged_jax.sampling_params import SamplingParams
+from paged_jax.spec_decode.proposer import SpecDecodeStats
 
 # stats() entries that add up over engines; the others are per engine, under "engines".
 _SUMMED = ("num_blocks", "num_free_blocks", "num_preemptions", "num_steps", "num_device_calls",
@@ -79,7 +80,7 @@ class DataParallelEngine:
     def stats(self) -> dict:
         per_engine = [e.stats() for e in self.engines]
         totals = {key: sum(s[key] for s in per_engine) for key in _SUMMED}
-        return {**per_engine[0], **totals, "engines": per_engine}
+        return {**per_engine[0], **totals, **SpecDecodeStats.total(per_engine).as_dict(), "engines": per_engine}
 
     def kv_snapshot(self) -> KVSnapshot:
         raise ValueError("data_parallel_size > 1: one cache per engine, llm.engine.engines[i].kv_snapshot()")

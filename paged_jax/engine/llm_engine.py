@@ -22,6 +22,13 @@ sequence finishes ("stop") when its grammar terminates. A token the matcher refu
 possible when nothing it allows could be sampled: a vocabulary that cannot go on, or
 min_tokens banning the stop token of a finished grammar) is not appended and ends the
 sequence with "error", as vLLM ends it.
+
+Speculative decoding (speculative_config; spec_decode/): after scheduling, the proposer fills
+the lookahead slots with drafts; the step verifies them and returns, per sequence, the drafts
+kept and the model's next token, appended here one by one (a stop among them drops the rest).
+Then what was rejected is rolled back: the sequence has computed its verified tokens only, and
+the blocks that only rejected tokens used go back, before full blocks are offered to the
+prefix cache.
 """
 
 from __future__ import annotations
@@ -42,12 +49,14 @@ from paged_jax.core.kv_snapshot import KVSnapshot, take_snapshot
 from paged_jax.core.scheduler import SamplerRow, Scheduler, SchedulerConfig, SchedulerOutput
 from paged_jax.core.step_record import StepRecord
 from paged_jax.engine.client import EngineLoad, PromptType, TokenListener
+from paged_jax.engine.output_processor import OutputProcessor
 from paged_jax.engine_args import EngineArgs
 from paged_jax.kv import make_block_manager
 from paged_jax.logger import configure as configure_logging
-from paged_jax.outputs import Logprob, RequestMetrics, RequestOutput
+from paged_jax.outputs import RequestMetrics, RequestOutput
 from paged_jax.sampling_params import SamplingParams, request_key
 from paged_jax.sequence import Sequence, SequenceGroup
+from paged_jax.spec_decode.proposer import SpecDecodeStats, make_proposer
 from paged_jax.structured_output import GrammarCompiler, new_matcher
 from paged_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 from paged_jax.worker.executor import Executor, Sampled
@@ -83,15 +92,23 @@ class LLMEngine:
         spec = self.executor.spec
         self.eos_token_ids, self.max_model_len = spec.eos_token_ids, spec.max_model_len
         self.vocab_size = spec.vocab_size
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) if self.tokenizer else None
         self.block_manager = make_block_manager(
             args.memory_manager, spec.num_blocks, args.block_size, self.max_model_len,
             num_swap_blocks=spec.num_swap_blocks, enable_prefix_caching=args.enable_prefix_caching,
             enable_block_sharing=args.enable_block_sharing, windows=spec.kv_windows)
+        speculative = args.speculative()
+        k = speculative.num_speculative_tokens if speculative else 0
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, self.max_num_batched_tokens,
-                                                   args.preemption_mode, args.batching), self.block_manager)
+                                                   args.preemption_mode, args.batching, k), self.block_manager)
+        self.proposer = speculative and make_proposer(speculative, args, devices, self.executor,
+                                                      self.max_num_batched_tokens)
+        self.spec_stats = SpecDecodeStats(k)
         if args.warm_up:
             self.executor.warm_up(args.num_scheduler_steps, background=args.background_compile)
+            if self.proposer:
+                self.proposer.warm_up(background=args.background_compile)
         self.start_up_seconds = time.perf_counter() - start
         compiled = self.executor.compile_stats()
         logger.info("ready in %.1f s: %d step shapes built (%d from the compilation cache), %d more compiling "
@@ -116,6 +133,9 @@ class LLMEngine:
         text, token_ids = self._prompt(prompt)
         beam = None
         if isinstance(params, BeamSearchParams):
+            if self.proposer:
+                raise ValueError("beam search does not run with speculative decoding (speculative_config): "
+                                 "use an engine without it")
             check_beam_width(params, self.eos_token_ids)
             beam, params = beam_request(params, self.eos_token_ids)
         self._check_logit_bias(params)
@@ -196,12 +216,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def load(self) -> EngineLoad:
-        s = self.scheduler
+        s, spec = self.scheduler, self.spec_stats
         return EngineLoad(
             num_running=len(s.running), num_waiting=len(s.waiting), num_swapped=len(s.swapped),
             num_blocks=self.block_manager.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
             num_preemptions=s.num_preemptions, num_prompt_tokens=s.num_prompt_tokens,
-            num_cached_prompt_tokens=s.num_cached_prompt_tokens)
+            num_cached_prompt_tokens=s.num_cached_prompt_tokens,
+            num_spec_drafts=spec.num_drafts, num_spec_draft_tokens=spec.num_draft_tokens,
+            num_spec_accepted_tokens=spec.num_accepted_tokens, spec_accepted_per_pos=tuple(spec.accepted_per_pos))
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -213,6 +235,8 @@ class LLMEngine:
         requests wait to be scheduled)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
+        if self.proposer:
+            self.proposer.propose(out)
         rows = out.sampler_rows()
         num_steps, limits = self._decode_steps(out, rows)
         self._record_sharing()
@@ -228,19 +252,22 @@ class LLMEngine:
                 chunk.seq.num_computed_tokens = min(limits[i], chunk.num_cached + steps) if limits \
                     else chunk.num_cached + chunk.num_new
 
-        def on_step(i: int, sampled: list[Sampled]) -> bool:
-            """Step i's tokens, while step i + 1 (of a decode loop) computes."""
+        def on_step(i: int, sampled: list[list[Sampled]]) -> bool:
+            """Step i's tokens (per row: one, or with speculation the drafts kept and the
+            model's next), while step i + 1 (of a decode loop) computes."""
             now = time.time()
             if i == 0:  # siblings fork from the computed prompt; mid-loop, nothing reads the counts
                 computed(1)
                 fork_siblings(rows, self.block_manager)
-            for (_, chunk, seq), result in zip(rows, sampled):
+            for (_, chunk, seq), results in zip(rows, sampled):
                 group = chunk.group
                 touched[group.request_id] = group
                 if group.beam:
-                    beams.setdefault(group.request_id, []).append((seq, result))
-                elif not seq.finished:  # a decode loop ran past this sequence's stop: drop the rest
-                    self._append(seq, group, result, now)
+                    beams.setdefault(group.request_id, []).append((seq, results[0]))
+                    continue
+                for result in results:
+                    if not seq.finished:  # a loop (or a draft) ran past this sequence's stop: drop the rest
+                        self.outputs.append(seq, group, result, now)
             running = [g for g in touched.values() if not g.finished]
             if not running:  # every sequence of the loop has stopped: no step is worth running
                 return False
@@ -248,9 +275,10 @@ class LLMEngine:
 
         executed = self.executor.execute(out, rows, num_steps, limits, on_step)
         for i, scores in executed.prompt_logprobs.items():  # in prompt order, after those scored before
-            out.chunks[i].group.prompt_logprobs.extend(map(self._logprobs_entry, scores))
-        num_steps = max(map(len, executed.sampled), default=1)  # the steps it ran
+            out.chunks[i].group.prompt_logprobs.extend(map(self.outputs.logprobs_entry, scores))
+        num_steps = max(map(len, executed.sampled), default=1) if limits else 1  # the steps it ran
         computed(num_steps)
+        self._roll_back(out, rows, executed.sampled)
         now = time.time()
         for request_id, choices in beams.items():
             group = self.groups[request_id]
@@ -279,6 +307,17 @@ class LLMEngine:
         if len(self.step_log) > STEP_LOG_LENGTH:
             del self.step_log[: STEP_LOG_LENGTH // 2]
         return outputs
+
+    def _roll_back(self, out: SchedulerOutput, rows: list[SamplerRow], sampled: list[list[Sampled]]) -> None:
+        """A sequence that speculated has computed its verified tokens only (the token after
+        them is its next input, as after any step); the blocks that only rejected drafts used go
+        back. Counted for spec_decode stats."""
+        drafted = [(chunk, seq, len(tokens) - 1) for (_, chunk, seq), tokens in zip(rows, sampled)
+                   if chunk.draft_token_ids]
+        for chunk, seq, accepted in drafted:
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            self.spec_stats.record(len(chunk.draft_token_ids), accepted)
+        self.block_manager.trim([seq for _, seq, _ in drafted])
 
     def _beam_step(self, group: SequenceGroup, choices: list[tuple[Sequence, Sampled]], now: float) -> None:
         """One step of a beam search: keep the best continuations; a beam kept k times forks
@@ -331,54 +370,6 @@ class LLMEngine:
         assert not self.block_manager.pending_copies, "the scheduler made the written blocks private"
         return steps, limits
 
-    def _append(self, seq: Sequence, group: SequenceGroup, sampled: Sampled, now: float) -> None:
-        params = group.params
-        token = sampled.token
-        if seq.matcher is not None and not seq.matcher.accept_token(token):
-            logger.warning("request %s: its grammar refused token %d, as no token it allows could be sampled; the "
-                           "sequence ends", group.request_id, token)
-            seq.finish_reason = "error"
-            return
-        seq.output_token_ids.append(token)
-        group.metrics.first_token_time = group.metrics.first_token_time or now
-        group.metrics.last_token_time = now
-        if params.logprobs is not None:
-            seq.cumulative_logprob += sampled.logprob
-            seq.logprobs.append(self._logprobs_entry(sampled))
-        delta = seq.detokenizer.add([token]) if seq.detokenizer else ""
-        seq.text += delta
-        self._check_stop(seq, params, token, delta)
-
-    def _logprobs_entry(self, scored: Sampled) -> dict[int, Logprob]:
-        """vLLM's logprobs at one position: the token's own (with its rank), then the top ones."""
-        entry = {scored.token: Logprob(scored.logprob, scored.rank, self._decode(scored.token))}
-        for rank, (token, logprob) in enumerate(scored.top, start=1):
-            entry.setdefault(token, Logprob(logprob, rank, self._decode(token)))
-        return entry
-
-    def _decode(self, token: int) -> str | None:
-        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
-
-    def _check_stop(self, seq: Sequence, params: SamplingParams, token: int, delta: str) -> None:
-        num_output = len(seq.output_token_ids)
-        grammar_done = seq.matcher is not None and seq.matcher.is_terminated()  # token was its stop token
-        if num_output >= params.min_tokens or grammar_done:
-            stop_token = token in params.stop_token_ids
-            if stop_token or grammar_done or (token in self.eos_token_ids and not params.ignore_eos):
-                if not params.include_stop_str_in_output:  # a stop token's text is not emitted
-                    seq.text = seq.text[: len(seq.text) - len(delta)]
-                seq.finish_reason, seq.stop_reason = "stop", token if stop_token else None
-                return
-            for stop in params.stop_strings:
-                start = max(0, len(seq.text) - len(delta) - len(stop) + 1)
-                found = seq.text.find(stop, start)
-                if found >= 0:
-                    seq.text = seq.text[: found + (len(stop) if params.include_stop_str_in_output else 0)]
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                    return
-        if num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-
     # -- figures -----------------------------------------------------------------------------
 
     def _record_sharing(self) -> None:
@@ -420,6 +411,7 @@ class LLMEngine:
             "executables_from_cache": compiled.from_cache,
             "executables_pending": compiled.pending,
             "executables_seconds": compiled.seconds,
+            **self.spec_stats.as_dict(),
         }
 
     def kv_snapshot(self) -> KVSnapshot:

@@ -242,6 +242,17 @@ class BlockManager:
                 blocks = blocks[n:]
         return True
 
+    def trim(self, seqs: list[Sequence]) -> None:
+        """Give back each sequence's blocks past its computed tokens (speculated tokens the
+        model rejected): they were grown for this step's lookahead, so they are its own, and
+        never named by the prefix cache, which names only blocks of computed tokens."""
+        for seq in seqs:
+            keep = -(-seq.num_computed_tokens // self.block_size)
+            for table in seq.block_tables:
+                if len(table) > keep:
+                    self._release([b for b in table[keep:] if b != NULL_BLOCK])
+                    del table[keep:]
+
     def make_room(self, n: int) -> None:
         """Evict idle cached blocks until the allocator has n free, oldest first in each group."""
         for cache in self.prefix_caches or []:

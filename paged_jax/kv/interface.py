@@ -118,6 +118,11 @@ class KVCacheManager(Protocol):
         blocks it writes next private to it (queuing the copies), all or nothing."""
         ...
 
+    def trim(self, seqs: list[Sequence]) -> None:
+        """The sequences' speculated tokens past num_computed_tokens were rejected: give back
+        the blocks that held those tokens alone."""
+        ...
+
     def cache_full_blocks(self, seqs: list[Sequence]) -> None:
         """The sequences have computed more tokens: name their newly full blocks for later
         requests to find (nothing without a prefix cache)."""

@@ -191,6 +191,9 @@ class ReservingBlockManager:
     def cache_full_blocks(self, seqs: list[Sequence]) -> None:
         pass
 
+    def trim(self, seqs: list[Sequence]) -> None:
+        """Nothing goes back: a sequence's chunk is reserved for its longest."""
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child takes a spare chunk of its request and a copy of parent's computed K/V
         (queued for the next step, before it computes)."""

@@ -39,7 +39,10 @@ def resolve(args: EngineArgs) -> EngineArgs:
     model = local_dir(args.model, args.revision, args.download_dir)
     tokenizer = args.tokenizer and local_dir(args.tokenizer, args.tokenizer_revision or args.revision,
                                              args.download_dir, TOKENIZER_FILES)
-    return dataclasses.replace(args, model=model, tokenizer=tokenizer)
+    speculative = args.speculative_config
+    if isinstance(speculative, dict) and isinstance(speculative.get("model"), str):  # a draft model (main revision)
+        speculative = {**speculative, "model": local_dir(speculative["model"], None, args.download_dir)}
+    return dataclasses.replace(args, model=model, tokenizer=tokenizer, speculative_config=speculative)
 
 
 def local_dir(model: str, revision: str | None = None, download_dir: str | None = None,

@@ -139,7 +139,18 @@ class _EngineCollector:
              "Prefix cache queries, in terms of number of queried tokens.", s.num_prompt_tokens),
             (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
              s.num_cached_prompt_tokens),
+            (CounterMetricFamily, "vllm:spec_decode_num_drafts", "Number of spec decoding drafts.",
+             s.num_spec_drafts),
+            (CounterMetricFamily, "vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+             s.num_spec_draft_tokens),
+            (CounterMetricFamily, "vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+             s.num_spec_accepted_tokens),
         ]:
             family = kind(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.", labels=["model_name", "position"])
+        for position, value in enumerate(s.spec_accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(position)], value)
+        yield per_pos

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -34,7 +35,7 @@ from paged_jax.server.metrics import ServingMetrics
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "stdlib-llama"
 API_KEY_ENV = "PAGED_JAX_API_KEY"
 CHOICES = {"preemption_mode": PREEMPTION_MODES, "memory_manager": MEMORY_MANAGERS, "batching": BATCHING}
-TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": json.loads}  # a dict is given as JSON
 
 logger = logging.getLogger("paged_jax.server.serve")
 

@@ -93,8 +93,8 @@ class CostModelExecutor:
         sampled = [self._sample(chunk.group.params.logprobs, num_steps) for _, chunk, _ in rows]
         steps = num_steps
         for i in range(num_steps if on_step is not None and rows else 0):
-            if not on_step(i, [s[i] for s in sampled]) and i + 1 < num_steps:  # as the runner: the step in flight runs
-                on_step(i + 1, [s[i + 1] for s in sampled])
+            if not on_step(i, [[s[i]] for s in sampled]) and i + 1 < num_steps:  # as the runner: the step in flight
+                on_step(i + 1, [[s[i + 1]] for s in sampled])
                 steps = i + 2
                 break
         self.counters.num_steps += steps

@@ -43,14 +43,16 @@ class Sampled:
     top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless asked
 
 
-# on_step(i, sampled): step i of a step's tokens, one per sampler row, as soon as the host has
-# them (in a decode loop, while step i + 1 computes); False ends a decode loop early.
-StepListener = Callable[[int, list[Sampled]], bool]
+# on_step(i, sampled): step i's tokens per sampler row, as soon as the host has them (in a
+# decode loop, while step i + 1 computes): one per row, or for a row that speculated its
+# accepted drafts and the token after them. False ends a decode loop early.
+StepListener = Callable[[int, list[list[Sampled]]], bool]
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """For each sampler row, the tokens it sampled (one per step of a decode loop); the step's
+    """For each sampler row, the tokens it sampled (one per step of a decode loop; with
+    speculation, the drafts kept and the token after them); the step's
     modelled seconds (None: the step's time is the wall clock's); and for each chunk that
     scores prompt tokens (by its index in the step), their scores in prompt order (see
     prompt_positions)."""

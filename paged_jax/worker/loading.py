@@ -24,10 +24,12 @@ CPU_KV_CACHE_BYTES = 1 << 30  # the cache budget where there is no accelerator m
 
 
 def load_runner(args: EngineArgs, devices: Sequence[jax.Device] | None, max_num_batched_tokens: int,
-                eos_token_ids: tuple[int, ...]) -> ModelRunner:
+                eos_token_ids: tuple[int, ...], blocks: tuple[int, int] | None = None) -> ModelRunner:
     """The model of args.model on its tensor_parallel_size devices (`devices`, else the first
     ones) and a KV cache sized for them. eos_token_ids: the tokenizer's, when it has some (else
-    the checkpoint's are used)."""
+    the checkpoint's are used). blocks: (device, host) blocks of the cache, instead of sizing it
+    (a draft model's cache has its target's block ids). With a draft model in
+    args.speculative_config, the target's cache leaves room for the draft's pages of its blocks."""
     cache_dir = configure_persistent_cache(args.compilation_cache)
     checkpoint = read_config(args.model)
     mesh = sharding.engine_mesh(args, checkpoint, devices)
@@ -40,12 +42,17 @@ def load_runner(args: EngineArgs, devices: Sequence[jax.Device] | None, max_num_
                          f"({config.max_model_len}: its position range)")
     page_dtype = model.page_dtype(args.kv_cache_dtype)
     bytes_per_block = kv_cache_bytes_per_block(config, args.block_size, page_dtype)
+    speculative = args.speculative()
+    if speculative and speculative.model:  # its draft's pages of every block, in the same memory
+        bytes_per_block += kv_cache_bytes_per_block(read_config(speculative.model), args.block_size, page_dtype)
     bfloat16_bytes = kv_cache_bytes_per_block(config, args.block_size, jnp.bfloat16)
     # Each device holds its share of every block's KV heads: T devices hold ~T times the blocks.
     num_blocks = args.num_gpu_blocks_override or _num_blocks(
         args, mesh.devices.flat[0], config, bytes_per_block // args.tensor_parallel_size, max_model_len,
         max_num_batched_tokens)
     num_swap_blocks = int(args.swap_space * (1 << 30)) // bytes_per_block if args.preemption_mode == "swap" else 0
+    if blocks:
+        num_blocks, num_swap_blocks = blocks
     logger.info("%s: %s %s, %s attention, max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d",
                 args.model, config.architecture, jnp.dtype(model.dtype).name, model.module.backend.name,
                 max_model_len, args.max_num_seqs, max_num_batched_tokens)
@@ -57,7 +64,8 @@ def load_runner(args: EngineArgs, devices: Sequence[jax.Device] | None, max_num_
     return ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, num_swap_blocks=num_swap_blocks,
                        page_dtype=page_dtype, kv_bytes_per_block=bytes_per_block,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       max_model_len=max_model_len, eos_token_ids=eos_token_ids or config.eos_token_ids)
+                       max_model_len=max_model_len, eos_token_ids=eos_token_ids or config.eos_token_ids,
+                       num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0)
 
 
 def _num_blocks(args: EngineArgs, device: jax.Device, config: ModelConfig, bytes_per_block: int, max_model_len: int,

@@ -7,12 +7,15 @@ the device. So the device never waits for the host, and the host appends, detoke
 streams each step's tokens while the next step computes: a streaming client sees a token
 per step, not a burst per loop, and the host's work per token overlaps the device's.
 
-Every step is padded to a bucket so that a small, fixed set of shapes is compiled ahead of
-time: decode-only steps to a number of sequences from 1, 2, 3, 4, 6, 8, 12, ... (one token
-each), other steps to a power-of-two number of tokens and 4, 16, 64, ... sequences (up to
-min(tokens, max_num_seqs)). The largest of each kind is compiled before serving, the others
-on a background thread (compilation.py); a step pads to the smallest ready bucket that fits.
+Every step is padded to a bucket (buckets.py) so that a small, fixed set of shapes is compiled
+ahead of time. The largest of each kind is compiled before serving, the others on a
+background thread (compilation.py); a step pads to the smallest ready bucket that fits.
 A shape outside the warm-up set is a bug: it is compiled, counted and logged as an error.
+
+With speculative decoding (num_speculative_tokens = k) a step verifies draft tokens: a chunk
+with d drafts needs the logits after its last token and after each draft (d + 1 rows), so the
+mixed buckets return the logits of up to k + 1 chosen rows per sequence, and the rows that
+speculated are sampled by the rejection sampler (rejection_sampler.py), the others as ever.
 
 A step with a chunk whose request asked for its prompt's logprobs needs the logits at every
 token, not only at each sequence's last: it runs its bucket's every-token variant. The warm-up
@@ -29,7 +32,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,15 @@ from paged_jax.core.scheduler import SamplerRow, ScheduledChunk, SchedulerOutput
 from paged_jax.model import Model, sharding
 from paged_jax.model.cache import SequenceChunk, build_metadata, init_kv_cache, layout_of
 from paged_jax.worker import block_moves
+from paged_jax.worker.buckets import (
+    Bucket,
+    bucket_of,
+    bucket_sizes,
+    compile_logit_rows,
+    every_token,
+    logit_rows_of,
+    mixed_buckets,
+)
 from paged_jax.worker.compilation import Executables
 from paged_jax.worker.decode_step import DecodeState, loop_flags, make_decode_step
 from paged_jax.worker.executor import (
@@ -51,49 +62,19 @@ from paged_jax.worker.executor import (
     StepResult,
     prompt_positions,
 )
+from paged_jax.worker.rejection_sampler import verify
 from paged_jax.worker.sampler import SamplerFlags, SamplingBatch, empty_batch, sample, score
-from paged_jax.worker.sampling_batch import sampler_flags, sampling_batch
+from paged_jax.worker.sampling_batch import sampler_flags, sampling_batch, verification_batch
 
 logger = logging.getLogger(__name__)
-MIN_TOKEN_BUCKET = 16
 WANT_PADDING = 2.0  # a step padded beyond this wants its own shape compiled next (bucket_for)
 LOOP_FLAGS = SamplerFlags(sample=True, filter=False, adjust=False, logprobs=False)  # plain sampling
-
-
-def _buckets(low: int, high: int, *, halves: bool = False) -> list[int]:
-    """Powers of two from low up to high (high included); with halves also 1.5x each
-    (3, 6, 12, 24, 48, ...), which halves the padding of decode batches."""
-    sizes, size = set(), low
-    while size < high:
-        sizes.add(size)
-        if halves and size >= 2:
-            sizes.add(size * 3 // 2)
-        size *= 2
-    return sorted(s for s in sizes if s < high) + [high]
-
-
-def _seq_buckets(high: int) -> list[int]:
-    """Sequence counts of the mixed buckets with up to `high` sequences: 4, 16, 64, ... below
-    it, and high."""
-    return [s for s in (4 ** i for i in range(1, high.bit_length())) if s < high] + [high]
-
-
-@dataclass(frozen=True)
-class Bucket:
-    num_tokens: int
-    num_seqs: int
-    decode: bool  # one token per sequence: tiles of one query token
-    every_token: bool = False  # logits at every token, not only each sequence's last (prompt logprobs)
-
-    @property
-    def max_q_len(self) -> int:
-        return 1 if self.decode else self.num_tokens
 
 
 class ModelRunner:
     def __init__(self, model: Model, *, num_blocks: int, block_size: int, num_swap_blocks: int, page_dtype,
                  kv_bytes_per_block: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...]):
+                 eos_token_ids: tuple[int, ...], num_speculative_tokens: int = 0):
         self.model = model
         self.kv_layout = layout_of(model.config)
         self.spec = ExecutorSpec(num_blocks, num_swap_blocks, max_model_len, model.config.vocab_size, eos_token_ids,
@@ -102,12 +83,10 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_cache = init_kv_cache(model.config, num_blocks, block_size, page_dtype, model.mesh)
         self.swap_space = block_moves.host_swap_space(self.kv_cache, num_swap_blocks)
-        self.decode_buckets = [Bucket(s, s, True) for s in _buckets(1, max_num_seqs, halves=True)]
+        self.decode_buckets = [Bucket(s, s, True) for s in bucket_sizes(1, max_num_seqs, halves=True)]
         # Mixed steps pad tokens and sequences apart: a lone prompt in a bucket sized for many
         # sequences pays for their attention tiles and logits rows.
-        self.mixed_buckets = [Bucket(t, s, False)
-                              for t in _buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
-                              for s in _seq_buckets(min(t, max_num_seqs))]
+        self.mixed_buckets = mixed_buckets(max_num_seqs, max_num_batched_tokens, num_speculative_tokens)
         # Bucket (one forward step) or (Bucket, flags) (a step of a decode loop) -> executable
         self.executables = Executables()
         self.decode_step = make_decode_step(model.module, block_size)
@@ -152,7 +131,7 @@ class ModelRunner:
         variant, which the warm-up set leaves out on purpose."""
         executable = self.executables.get(key)
         if executable is None:
-            if self.warmed_up and not _bucket_of(key).every_token:
+            if self.warmed_up and not bucket_of(key).every_token:
                 self.compiles_after_warmup += 1
                 logger.error("compiling step %s after warm-up; the warm-up set is incomplete", key)
             executable = self.executables.build(*self._task(key))
@@ -178,7 +157,8 @@ class ModelRunner:
         """How to build a bucket's step: compile the forward pass (from abstract arguments, so
         a background thread never touches the live cache) and warm the common samplers."""
         tokens, positions, meta = self._inputs([self._placeholder_chunk()], np.zeros(1, np.int32), bucket)
-        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta, *_logit_rows(bucket))
+        args = (_abstract(self.model.params), tokens, positions, _abstract(self.kv_cache), meta,
+                *compile_logit_rows(bucket))
         forward, vocab = self.model.forward, self.model.config.vocab_size
 
         def make():
@@ -189,10 +169,14 @@ class ModelRunner:
                                     sharding.replicated(self.model.mesh))
             for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
                 sample(logits, batch, flags).tokens.block_until_ready()
-            if bucket.every_token:  # and the prompt's scorer, on every token's logits
-                every = jax.device_put(jnp.zeros((bucket.num_tokens, vocab), jnp.float32),
-                                       sharding.replicated(self.model.mesh))
-                score(every, np.zeros(bucket.num_tokens, np.int32)).tokens.block_until_ready()
+            if bucket.num_logits:  # the returned rows: the prompt's scorer, the verifier
+                chosen = jax.device_put(jnp.zeros((bucket.num_logits, vocab), jnp.float32),
+                                        sharding.replicated(self.model.mesh))
+                rows, drafts = np.zeros(bucket.num_logits, np.int32), np.full(bucket.num_logits, -1, np.int32)
+                score(chosen, rows).tokens.block_until_ready()
+                for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
+                    verify(chosen, rows, drafts, SamplingBatch(**empty_batch(bucket.num_logits)), flags)[0] \
+                        .block_until_ready()
             return forward.lower(*args).compile()
 
         return bucket, make
@@ -217,12 +201,12 @@ class ModelRunner:
             if bucket.decode and num_scheduler_steps > 1:
                 tasks.append(self._decode_task(bucket, LOOP_FLAGS))
         covering = {self.decode_buckets[-1], self.mixed_buckets[-1]}
-        now = [t for t in tasks if _bucket_of(t[0]) in covering] if background else tasks
+        now = [t for t in tasks if bucket_of(t[0]) in covering] if background else tasks
         for key, make in tqdm(now, desc="compiling step shapes", unit="shape", leave=False,
                               disable=not logger.isEnabledFor(logging.INFO)):
             self.executables.build(key, make)
         if background:
-            self.executables.queue([t for t in tasks if _bucket_of(t[0]) not in covering])
+            self.executables.queue([t for t in tasks if bucket_of(t[0]) not in covering])
         self.warmed_up = True
 
     def compile_stats(self) -> CompileStats:
@@ -261,8 +245,8 @@ class ModelRunner:
         self.counters.num_calls += 1
         chunks = out.chunks
         # One sampling row per chunk (row i = chunk i), unless a prompt fans out to n siblings or
-        # the logits are every token's (prompt logprobs): then the rows are packed and take
-        # their chunk's logits by index (its last token's, of every token's).
+        # the step returns chosen logits rows (prompt logprobs, speculation): then the rows are
+        # packed and take their chunk's logits by index.
         fan_out = len(rows) > sum(c.samples for c in chunks)
         flags = sampler_flags(rows) if rows else None
         scored = {i: positions for i, c in enumerate(chunks) if (positions := prompt_positions(c))}
@@ -272,25 +256,16 @@ class ModelRunner:
             flags = loop_flags(flags)
             bucket = self.bucket_for(out.num_tokens, len(chunks), True, key=lambda b: (b, flags))
         elif scored:
-            bucket = _every_token(self.bucket_for(out.num_tokens, len(chunks), out.decode_only, key=_every_token))
+            bucket = every_token(self.bucket_for(out.num_tokens, len(chunks), out.decode_only, key=every_token))
         else:
             bucket = self.bucket_for(out.num_tokens, len(chunks), out.decode_only)
-        tokens = np.fromiter(itertools.chain.from_iterable(c.seq.tokens(c.num_cached, c.num_cached + c.num_new)
-                                                           for c in chunks), np.int32, count=out.num_tokens)
+        tokens = np.fromiter(itertools.chain.from_iterable(c.token_ids() for c in chunks), np.int32,
+                             count=out.num_tokens)
         tokens, positions, meta = self._inputs(
             [SequenceChunk(c.seq.block_tables, c.num_cached, c.num_new) for c in chunks], tokens, bucket)
-        packed = fan_out or bucket.every_token
-        if packed:
-            chunk_rows = np.cumsum([c.num_new for c in chunks]) - 1 if bucket.every_token else np.arange(len(chunks))
-            num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
-            logit_rows = np.zeros(num_rows, np.int32)
-            logit_rows[: len(rows)] = [chunk_rows[i] for i, _, _ in rows]
-            placed = [(row, (c, seq)) for row, (_, c, seq) in enumerate(rows)]
-        else:
-            num_rows = bucket.num_seqs
-            placed = [(i, (c, seq)) for i, c, seq in rows]
-        batch = sampling_batch(placed, num_rows, flags, self.spec) if rows else None
         if num_steps > 1:
+            placed = [(i, (c, seq)) for i, c, seq in rows]
+            batch = sampling_batch(placed, bucket.num_seqs, flags, self.spec)
             limit = np.zeros(bucket.num_seqs, np.int32)
             limit[: len(limits)] = limits
             # The loop's fixed inputs go to the device once, not with every step.
@@ -302,18 +277,44 @@ class ModelRunner:
                 return executable(params, state, kv_cache, meta, batch, limit)
 
             return StepResult(self._decode_loop(step, state, num_steps, placed, on_step))
+        chosen, first = logit_rows_of(chunks, bucket)
         logits, self.kv_cache = self.executable(bucket)(self.model.params, tokens, positions, self.kv_cache, meta,
-                                                        *_logit_rows(bucket))
+                                                        *chosen)
         self.counters.num_steps += 1
         prompt = self._score_prompts(logits, chunks, scored) if scored else {}
         if not rows:
             return StepResult(prompt_logprobs=prompt)
-        if packed:
-            logits = _take_rows(logits, logit_rows)
-        sampled = self._fetch(sample(logits, batch, flags), placed)
+        drafted = any(c.draft_token_ids for _, c, _ in rows)
+        sampled = self._verify(logits, rows, first, bucket) if drafted \
+            else [[s] for s in self._sample(logits, rows, first, bucket, fan_out or bool(bucket.num_logits), flags)]
         if on_step is not None:
             on_step(0, sampled)
-        return StepResult([[s] for s in sampled], prompt_logprobs=prompt)
+        return StepResult(sampled, prompt_logprobs=prompt)
+
+    def _sample(self, logits, rows: list[SamplerRow], first: np.ndarray, bucket: Bucket, packed: bool,
+                flags: SamplerFlags) -> list[Sampled]:
+        """A token per row. Packed: the rows take their chunk's logits by index (a prompt
+        that fans out to n siblings, or logits of chosen rows); else row i is chunk i."""
+        if packed:
+            num_rows = self.bucket_for(0, len(rows), decode=True).num_seqs
+            logit_rows = np.zeros(num_rows, np.int32)
+            logit_rows[: len(rows)] = [first[i] for i, _, _ in rows]
+            logits = _take_rows(logits, logit_rows)
+            placed = [(row, (c, seq)) for row, (_, c, seq) in enumerate(rows)]
+        else:
+            num_rows, placed = bucket.num_seqs, [(i, (c, seq)) for i, c, seq in rows]
+        return self._fetch(sample(logits, sampling_batch(placed, num_rows, flags, self.spec), flags), placed)
+
+    def _verify(self, logits, rows: list[SamplerRow], first: np.ndarray, bucket: Bucket) -> list[list[Sampled]]:
+        """Each row's accepted drafts and the token after them (rejection_sampler.py)."""
+        index, drafts, batch, spans = verification_batch(rows, first, bucket.num_logits, self.spec)
+        accepted, result = self._read(verify(logits, index, drafts, batch, sampler_flags(rows)))
+        out, n = [], 0
+        for (_, c, _), span in zip(rows, spans):
+            kept = next((j for j in range(span - 1) if not accepted[n + j]), span - 1)  # drafts kept
+            out.append([self._result(result, n + j, c.group.params.logprobs or 0) for j in range(kept + 1)])
+            n += span
+        return out
 
     def _score_prompts(self, logits, chunks: list[ScheduledChunk],
                        scored: dict[int, range]) -> dict[int, list[Sampled]]:
@@ -344,7 +345,7 @@ class ModelRunner:
             in_flight = step(state, self.kv_cache) if go and i + 1 < num_steps else None
             for row, s in zip(rows, self._fetch(sampled, placed)):
                 row.append(s)
-            go = on_step(i, [row[-1] for row in rows]) if on_step is not None else True
+            go = on_step(i, [[row[-1]] for row in rows]) if on_step is not None else True
             if in_flight is None:
                 break
         return rows
@@ -383,20 +384,6 @@ class ModelRunner:
 def _abstract(tree):
     """Shapes, dtypes and shardings (tensor parallel: the executables take the sharded arrays)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def _bucket_of(key) -> Bucket:
-    return key if isinstance(key, Bucket) else key[0]
-
-
-def _every_token(bucket: Bucket) -> Bucket:
-    return replace(bucket, every_token=True)
-
-
-def _logit_rows(bucket: Bucket) -> tuple[np.ndarray, ...]:
-    """The forward pass's logit_rows argument, if any: every token's row for an every-token
-    variant; else none, and the model takes each sequence's last token."""
-    return (np.arange(bucket.num_tokens, dtype=np.int32),) if bucket.every_token else ()
 
 
 @jax.jit

@@ -134,7 +134,7 @@ def _filter(logits, batch: SamplingBatch):
     return jnp.where((logits >= kth) & (logits >= cutoff), logits, -jnp.inf)
 
 
-def _argmax(logits):
+def argmax(logits):
     """The first index of each row's maximum: jnp.argmax's answer from two plain reductions,
     which a CPU vectorises (the value-and-index reduction of jnp.argmax it does not, and over
     a vocabulary that costs more than the two passes)."""
@@ -143,14 +143,19 @@ def _argmax(logits):
     return jnp.minimum(jnp.min(jnp.where(logits == top, index, logits.shape[1]), axis=1), logits.shape[1] - 1)
 
 
-def _inverse_cdf(weights, batch: SamplingBatch, width: int = 128):
+def row_keys(batch: SamplingBatch):
+    """Each row's key for the token it samples now: its sequence's key with the token's index
+    folded in, so a seeded request draws the same whatever else is in the batch."""
+    return jax.vmap(lambda data, i: jax.random.fold_in(jax.random.wrap_key_data(data), i))(batch.keys, batch.counters)
+
+
+def inverse_cdf(weights, keys, width: int = 128):
     """Draw a token per row with probability proportional to its weight (float32[S, V] >= 0).
 
-    One uniform number per row, from the row's own key, is located in the row's cumulative
+    One uniform number per row, from the row's key, is located in the row's cumulative
     weights: exact, and S random numbers rather than S x V. The search is two-level (which
     block of `width` tokens, then where inside it) because a prefix sum over the whole
     vocabulary is slow on a CPU."""
-    keys = jax.vmap(lambda data, i: jax.random.fold_in(jax.random.wrap_key_data(data), i))(batch.keys, batch.counters)
     rows, vocab = weights.shape
     blocks = jnp.pad(weights, ((0, 0), (0, -vocab % width))).reshape(rows, -1, width)
     block_cdf = jnp.cumsum(blocks.sum(axis=2), axis=1)  # [S, num_blocks]
@@ -163,9 +168,9 @@ def _inverse_cdf(weights, batch: SamplingBatch, width: int = 128):
     return (block * width + jnp.minimum(offset, last_nonzero)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("flags",))
-def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
-    """logits float32[S, V] -> one token per row."""
+def process_logits(logits, batch: SamplingBatch, flags: SamplerFlags):
+    """(the masked model logits, what sampling draws from: masked, biased, penalised). The
+    first are what logprobs report."""
     if flags.mask:
         logits = _mask(logits, batch.bitmask)
     raw = logits
@@ -173,22 +178,38 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> Samp
         logits = _bias(logits, batch)
     if flags.adjust:
         logits = _adjust(logits, batch)
-    tokens = _argmax(logits)
+    return raw, logits
+
+
+def sampling_weights(logits, batch: SamplingBatch, flags: SamplerFlags):
+    """Each row's distribution for random sampling, unnormalised (the top token weighs 1):
+    divided by temperature, filtered to top_k / top_p, tokens below min_p x the top dropped."""
+    temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    if flags.filter:
+        scaled = _filter(scaled, batch)
+    weights = jnp.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return jnp.where(weights >= batch.min_p[:, None], weights, 0.0)
+
+
+def outputs(raw, tokens, flags: SamplerFlags) -> SamplerOutput:
+    """The tokens, scored under the masked model logits when a row asks for logprobs."""
+    if flags.logprobs:
+        return score(raw, tokens)
+    num_rows = tokens.shape[0]
+    empty = jnp.zeros((num_rows, 0))
+    return SamplerOutput(tokens, jnp.zeros(num_rows), jnp.zeros(num_rows, jnp.int32), empty.astype(jnp.int32), empty)
+
+
+@functools.partial(jax.jit, static_argnames=("flags",))
+def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags) -> SamplerOutput:
+    """logits float32[S, V] -> one token per row."""
+    raw, logits = process_logits(logits, batch, flags)
+    tokens = argmax(logits)
     if flags.sample:
-        temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
-        scaled = logits / temperature
-        if flags.filter:
-            scaled = _filter(scaled, batch)
-        weights = jnp.exp(scaled - scaled.max(axis=1, keepdims=True))  # the top token weighs 1
-        weights = jnp.where(weights >= batch.min_p[:, None], weights, 0.0)  # min_p: relative to the top
-        sampled = _inverse_cdf(weights, batch)
+        sampled = inverse_cdf(sampling_weights(logits, batch, flags), row_keys(batch))
         tokens = jnp.where(batch.temperature > 0, sampled, tokens)
-    num_rows = logits.shape[0]
-    if not flags.logprobs:
-        empty = jnp.zeros((num_rows, 0))
-        return SamplerOutput(tokens, jnp.zeros(num_rows), jnp.zeros(num_rows, jnp.int32), empty.astype(jnp.int32),
-                             empty)
-    return score(raw, tokens)
+    return outputs(raw, tokens, flags)
 
 
 @jax.jit

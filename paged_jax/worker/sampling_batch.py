@@ -72,3 +72,25 @@ def sampling_batch(placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]], nu
             b["output_start"][i] = len(seq.prompt_token_ids)
         b["banned"] = ragged(banned_rows, num_rows, -1, np.int32)
     return SamplingBatch(**b)
+
+
+def verification_batch(rows: list[tuple[int, ScheduledChunk, Sequence]], first: np.ndarray, min_rows: int,
+                       spec: ExecutorSpec) -> tuple[np.ndarray, np.ndarray, SamplingBatch, list[int]]:
+    """The rejection sampler's inputs for a step's rows (worker/rejection_sampler.py): a row
+    whose chunk has d drafts spans d + 1 verifier rows, on the logits from first[its chunk]
+    on, each with its draft (the last with none) and the index in the output of the token it
+    decides as its counter. Padded to min_rows rows (the bucket's, for which the verifier is
+    compiled), or a power of two past that. Returns (logits index, drafts, batch, spans)."""
+    spans = [len(c.draft_token_ids) + 1 for _, c, _ in rows]
+    total = sum(spans)
+    num_rows = min_rows if total <= min_rows else 1 << (total - 1).bit_length()
+    index, drafts = np.zeros(num_rows, np.int32), np.full(num_rows, -1, np.int32)
+    offsets, placed, n = np.zeros(num_rows, np.int32), [], 0
+    for (i, c, seq), span in zip(rows, spans):
+        index[n : n + span] = first[i] + np.arange(span)
+        drafts[n : n + span - 1] = c.draft_token_ids
+        offsets[n : n + span] = np.arange(span)
+        placed += [(n + j, (c, seq)) for j in range(span)]
+        n += span
+    batch = sampling_batch(placed, num_rows, sampler_flags(rows), spec)
+    return index, drafts, batch.replace(counters=batch.counters + offsets), spans
