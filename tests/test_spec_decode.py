@@ -140,7 +140,8 @@ def test_rejection_sampling_keeps_the_models_distribution_whatever_was_drafted(d
 # -- the engine: greedy outputs unchanged ------------------------------------------------------
 
 
-OPTIONS = [dict(), dict(enable_prefix_caching=True), dict(num_gpu_blocks_override=24, preemption_mode="recompute"),
+OPTIONS = [dict(), dict(enable_prefix_caching=True), dict(max_num_batched_tokens=24),  # prompts in chunks
+           dict(num_gpu_blocks_override=24, preemption_mode="recompute"),
            dict(num_gpu_blocks_override=24, preemption_mode="swap", swap_space=0.01)]
 
 
@@ -212,7 +213,7 @@ def test_sampled_tokens_follow_the_models_distribution_with_a_draft_model():
         assert stats.chi2_contingency(table).pvalue > 1e-3, position
 
 
-def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(prompts):
+def test_with_room_for_its_drafts_a_seeded_request_samples_the_same_alone_and_in_a_batch(prompts):
     llm = make_llm(TARGET, **ENGINE, speculative_config=NGRAM)
     seeded = SamplingParams(temperature=0.3, max_tokens=30, seed=7, ignore_eos=True)
     alone = llm.generate([prompts[1]], seeded, use_tqdm=False)[0].outputs[0].token_ids

@@ -13,10 +13,11 @@ longest cached prefix, unless it asks for its prompt's logprobs. A request with 
 one sequence until its prompt is computed, then forks (core/forks.py); it is counted as n
 sequences from admission on.
 
-Speculative decoding (num_speculative_tokens = k): a decoding sequence whose request can
-speculate also gets up to k lookahead slots, tokens of its chunk and blocks for them, which a
-proposer (spec_decode/) fills with draft tokens before the step runs and which the step
-verifies; what the model rejects the engine rolls back (LLMEngine: _roll_back).
+Speculative decoding (num_speculative_tokens = k): once every running sequence has its token,
+each that decodes and whose request can speculate gets up to k lookahead slots from what is
+left of the budget, tokens of its chunk and blocks for them, which a proposer (spec_decode/)
+fills with draft tokens before the step runs and which the step verifies; what the model
+rejects the engine rolls back (LLMEngine: _roll_back).
 
 The memory manager decides admission (`admit`) and growth: any KVCacheManager (kv/interface.py,
 the one thing of kv/ the scheduler knows), the paged BlockManager or, for the paper's baselines,
@@ -65,7 +66,7 @@ class ScheduledChunk:
 
     def propose(self, drafts: list[int]) -> None:
         """Fill the lookahead slots with draft tokens (at most num_lookahead); slots left
-        empty are dropped from the chunk (their blocks go back after the step)."""
+        empty are dropped from the chunk (their blocks go back after the step: _roll_back)."""
         assert len(drafts) <= self.num_lookahead
         self.num_new -= self.num_lookahead - len(drafts)
         self.num_lookahead = len(drafts)
@@ -156,7 +157,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
+        budget = self._add_lookahead(out, self._schedule_running(out, budget))
         if out.num_preempted == 0:
             budget = self._schedule_swapped(out, budget)
         if out.num_preempted == 0 and not self.swapped and (self.config.batching == "continuous" or not self.running):
@@ -184,18 +185,25 @@ class Scheduler:
         seqs = group.active
         share = min(budget // max(1, len(seqs)), self.blocks.max_tokens_per_step or budget)
         starts = starts or [s.num_computed_tokens for s in seqs]
-        plan = [(s, min(s.num_tokens - start, share)) for s, start in zip(seqs, starts)]
-        return [(s, n + self._lookahead(group, s, start, n, share)) for (s, n), start in zip(plan, starts)]
+        return [(s, min(s.num_tokens - start, share)) for s, start in zip(seqs, starts)]
 
-    def _lookahead(self, group: SequenceGroup, seq: Sequence, start: int, n: int, share: int) -> int:
-        """Draft slots for a sequence decoding its next token (n = 1 from where it stands): up
-        to num_speculative_tokens, within the budget's share, and not past max_tokens (the
-        token after the drafts comes from the model)."""
+    def _add_lookahead(self, out: SchedulerOutput, budget: int) -> int:
+        """Draft slots for the running sequences that decode, from the budget left once every
+        running sequence has its token: up to num_speculative_tokens each, never past
+        max_tokens (the token after the drafts comes from the model). A sequence whose blocks
+        cannot grow for them goes without: speculation never preempts anyone."""
         k = self.config.num_speculative_tokens
-        if not k or n != 1 or start != seq.num_computed_tokens or start + 1 != seq.num_tokens \
-                or not group.speculates or len(seq.output_token_ids) < group.params.min_tokens:
-            return 0
-        return max(0, min(k, share - 1, group.params.max_tokens - len(seq.output_token_ids) - 1))
+        for chunk in out.chunks if k else ():
+            seq, params = chunk.seq, chunk.group.params
+            if chunk.num_new != 1 or not chunk.samples or not chunk.group.speculates \
+                    or len(seq.output_token_ids) < params.min_tokens:
+                continue
+            slots = min(k, budget, params.max_tokens - len(seq.output_token_ids) - 1)
+            if slots > 0 and self.blocks.grow([(seq, seq.num_tokens + slots)]):
+                chunk.num_new += slots
+                chunk.num_lookahead = slots
+                budget -= slots
+        return budget
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i, in_use = 0, 0
@@ -277,8 +285,7 @@ class Scheduler:
     @staticmethod
     def _add_chunks(out: SchedulerOutput, group: SequenceGroup, plan) -> None:
         for seq, n in plan:
-            lookahead = max(0, seq.num_computed_tokens + n - seq.num_tokens)
-            out.chunks.append(ScheduledChunk(seq, group, seq.num_computed_tokens, n, lookahead))
+            out.chunks.append(ScheduledChunk(seq, group, seq.num_computed_tokens, n))
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         """Evict a whole running request: swap it out if asked to and there is host room,

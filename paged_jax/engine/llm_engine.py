@@ -311,13 +311,14 @@ class LLMEngine:
     def _roll_back(self, out: SchedulerOutput, rows: list[SamplerRow], sampled: list[list[Sampled]]) -> None:
         """A sequence that speculated has computed its verified tokens only (the token after
         them is its next input, as after any step); the blocks that only rejected drafts used go
-        back. Counted for spec_decode stats."""
-        drafted = [(chunk, seq, len(tokens) - 1) for (_, chunk, seq), tokens in zip(rows, sampled)
-                   if chunk.draft_token_ids]
-        for chunk, seq, accepted in drafted:
-            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
-            self.spec_stats.record(len(chunk.draft_token_ids), accepted)
-        self.block_manager.trim([seq for _, seq, _ in drafted])
+        back, as do those of slots the proposer left empty. Counted for spec_decode stats."""
+        if not self.proposer:
+            return
+        for (_, chunk, seq), tokens in zip(rows, sampled):
+            if chunk.draft_token_ids:
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+                self.spec_stats.record(len(chunk.draft_token_ids), len(tokens) - 1)
+        self.block_manager.trim([c.seq for c in out.chunks])  # slots of drafts rejected, or never proposed
 
     def _beam_step(self, group: SequenceGroup, choices: list[tuple[Sequence, Sampled]], now: float) -> None:
         """One step of a beam search: keep the best continuations; a beam kept k times forks
@@ -350,8 +351,11 @@ class LLMEngine:
         A grammar's mask for the next token is known only once the host has advanced its
         matcher with the token before, which a loop samples on the device: so a step with a
         constrained row is a single step, for every row in it. That costs the free rows
-        sharing the batch their loop (README: Structured outputs)."""
+        sharing the batch their loop (README: Structured outputs). A draft model follows the
+        target step by step (spec_decode/draft_model.py): with one, there are no loops."""
         steps = self.args.num_scheduler_steps
+        if self.proposer and self.proposer.follows_every_step:
+            steps = 1
         if steps == 1 or not out.chunks or not out.decode_only or out.swap_in or out.swap_out:
             return 1, None
         for chunk in out.chunks:

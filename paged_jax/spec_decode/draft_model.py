@@ -46,6 +46,8 @@ def check_single_global_group(path: str, role: str) -> None:
 
 
 class DraftModelProposer:
+    follows_every_step = True  # its cache holds what it computed alongside the target, step by step
+
     def __init__(self, runner: ModelRunner, num_speculative_tokens: int):
         self.runner = runner
         self.k = num_speculative_tokens

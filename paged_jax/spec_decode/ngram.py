@@ -12,6 +12,8 @@ from paged_jax.core.scheduler import SchedulerOutput
 
 
 class NgramProposer:
+    follows_every_step = False  # it reads the sequence's tokens, whatever computed them
+
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
 

@@ -15,6 +15,10 @@ from paged_jax.worker.executor import Executor
 
 
 class Proposer(Protocol):
+    # True when the proposer must see every step the target takes (a draft model's cache
+    # follows the target's chunks): then the engine runs no multi-step decode loops.
+    follows_every_step: bool
+
     def propose(self, out: SchedulerOutput) -> None:
         """Fill each chunk's lookahead slots with draft tokens (ScheduledChunk.propose), before
         the step runs; the draft model also computes the step's chunks into its own cache."""

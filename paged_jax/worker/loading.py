@@ -76,7 +76,9 @@ def _num_blocks(args: EngineArgs, device: jax.Device, config: ModelConfig, bytes
     stats = device.memory_stats() if device.platform == "gpu" else None
     if stats:
         activations = 8 * max_num_batched_tokens * (4 * config.hidden_size + 2 * config.intermediate_size) * 4
-        activations += 3 * args.max_num_seqs * config.vocab_size * 4
+        speculative = args.speculative()  # logits of k + 1 rows per sequence to verify drafts
+        activations += 3 * args.max_num_seqs * config.vocab_size * 4 * (1 + (speculative.num_speculative_tokens
+                                                                            if speculative else 0))
         budget = stats["bytes_limit"] * args.gpu_memory_utilization - stats["bytes_in_use"] - activations
     else:
         budget = CPU_KV_CACHE_BYTES

@@ -87,6 +87,7 @@ class ModelRunner:
         # Mixed steps pad tokens and sequences apart: a lone prompt in a bucket sized for many
         # sequences pays for their attention tiles and logits rows.
         self.mixed_buckets = mixed_buckets(max_num_seqs, max_num_batched_tokens, num_speculative_tokens)
+        self.num_speculative_tokens = num_speculative_tokens
         # Bucket (one forward step) or (Bucket, flags) (a step of a decode loop) -> executable
         self.executables = Executables()
         self.decode_step = make_decode_step(model.module, block_size)
@@ -172,11 +173,12 @@ class ModelRunner:
             if bucket.num_logits:  # the returned rows: the prompt's scorer, the verifier
                 chosen = jax.device_put(jnp.zeros((bucket.num_logits, vocab), jnp.float32),
                                         sharding.replicated(self.model.mesh))
-                rows, drafts = np.zeros(bucket.num_logits, np.int32), np.full(bucket.num_logits, -1, np.int32)
-                score(chosen, rows).tokens.block_until_ready()
+                score(chosen, np.zeros(bucket.num_logits, np.int32)).tokens.block_until_ready()
+            if self.num_speculative_tokens and not bucket.decode:
+                rows = self._verifier_rows(bucket)
+                index, drafts = np.zeros(rows, np.int32), np.full(rows, -1, np.int32)
                 for flags in (SamplerFlags(False, False, False, False), LOOP_FLAGS):
-                    verify(chosen, rows, drafts, SamplingBatch(**empty_batch(bucket.num_logits)), flags)[0] \
-                        .block_until_ready()
+                    verify(chosen, index, drafts, SamplingBatch(**empty_batch(rows)), flags)[0].block_until_ready()
             return forward.lower(*args).compile()
 
         return bucket, make
@@ -305,9 +307,14 @@ class ModelRunner:
             num_rows, placed = bucket.num_seqs, [(i, (c, seq)) for i, c, seq in rows]
         return self._fetch(sample(logits, sampling_batch(placed, num_rows, flags, self.spec), flags), placed)
 
+    def _verifier_rows(self, bucket: Bucket) -> int:
+        """The rows the verifier is compiled for in a mixed bucket: k + 1 per sequence (an
+        every-token variant returns more logits, and the verifier takes only those it needs)."""
+        return min(bucket.num_tokens, bucket.num_seqs * (self.num_speculative_tokens + 1))
+
     def _verify(self, logits, rows: list[SamplerRow], first: np.ndarray, bucket: Bucket) -> list[list[Sampled]]:
         """Each row's accepted drafts and the token after them (rejection_sampler.py)."""
-        index, drafts, batch, spans = verification_batch(rows, first, bucket.num_logits, self.spec)
+        index, drafts, batch, spans = verification_batch(rows, first, self._verifier_rows(bucket), self.spec)
         accepted, result = self._read(verify(logits, index, drafts, batch, sampler_flags(rows)))
         out, n = [], 0
         for (_, c, _), span in zip(rows, spans):

@@ -15,7 +15,9 @@ max(0, p - q) renormalised, which is p without x. So P(token = y) = p(x) [y = x]
 (1 - p(x)) p(y) / (1 - p(x)) [y != x] = p(y): the model's own distribution, whatever was
 proposed. p is the distribution the sampler would draw from (temperature, top_k / top_p,
 min_p applied). The acceptance test and the replacement draw use the row's own key, folded
-with the token's index, on two streams: a seeded request's outputs do not depend on the batch.
+with the token's index, on two streams: given the same drafts, a seeded request draws the same
+in any batch. (Whether a step drafts for it can depend on the batch, through the budget and
+blocks left for lookahead slots, and then its tokens may differ; their distribution does not.)
 """
 
 from __future__ import annotations
