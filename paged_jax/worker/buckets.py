@@ -57,8 +57,9 @@ class Bucket:
 def mixed_buckets(max_num_seqs: int, max_num_batched_tokens: int, num_speculative_tokens: int = 0) -> list[Bucket]:
     """The buckets of steps that are not decode-only. With speculation (k drafts) each returns
     k + 1 chosen logits rows per sequence, and the smallest fit one sequence verifying its
-    drafts (k + 1 tokens, rounded up to a power of two; one sequence), which at batch 1 is
-    every step: padding it to 16 tokens of 4 sequences made a step cost 1.4x a decode step."""
+    drafts (k + 1 tokens, rounded up to a power of two; one sequence): at batch 1 every step
+    is one, and the speed-up rests on its cost against a decode step's (experiments/
+    spec_decode.py measures both: "ms / model step")."""
     low = min(MIN_TOKEN_BUCKET, max_num_batched_tokens)
     if num_speculative_tokens:
         low = min(low, 1 << num_speculative_tokens.bit_length())
