@@ -179,6 +179,20 @@ def test_stop_strings_max_tokens_and_n_are_kept_when_drafts_run_past_them(prompt
     assert_all_blocks_free(spec)
 
 
+def test_logprobs_of_kept_drafts_and_of_the_prompt_are_the_models(prompts):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    plain = make_llm(TARGET, **ENGINE).generate(prompts, params, use_tqdm=False)
+    llm = make_llm(TARGET, **ENGINE, speculative_config=NGRAM)
+    ours = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats()["spec_decode_num_accepted_tokens"] > 0
+    for a, b in zip(plain, ours):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for theirs, mine in [*zip(a.outputs[0].logprobs, b.outputs[0].logprobs), *zip(a.prompt_logprobs[1:],
+                                                                                       b.prompt_logprobs[1:])]:
+            assert list(theirs) == list(mine)  # the same tokens, ranked alike
+            assert all(abs(theirs[t].logprob - mine[t].logprob) < 1e-4 for t in theirs)
+
+
 def test_nothing_compiles_after_warm_up_with_speculation(prompts):
     settings = dict(ENGINE, max_num_seqs=4, max_num_batched_tokens=64, warm_up=True, background_compile=False)
     for config in (NGRAM, DRAFT_MODEL):
@@ -233,8 +247,10 @@ def test_the_server_takes_speculative_config_as_json_and_exports_vllms_counters(
     with running_server(args, tmp_path / "server.log") as url, \
             openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as client:
         text = client.completions.create(model="m", prompt=prompts[0], max_tokens=24, temperature=0).choices[0].text
+        stream = client.completions.create(model="m", prompt=prompts[0], max_tokens=24, temperature=0, stream=True)
+        streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
         metrics = scrape(url)
-    assert text
+    assert text and streamed == text  # several tokens a step, streamed as they are kept
     assert metrics["vllm:spec_decode_num_drafts_total"] > 0
     assert metrics["vllm:spec_decode_num_draft_tokens_total"] >= metrics["vllm:spec_decode_num_accepted_tokens_total"]
     assert sum(v for k, v in metrics.items() if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos")) \
