@@ -6,8 +6,9 @@ and 17 at the paper's scale in the simulator (our scheduler, memory managers and
 modelled step times),
 Fig. 12-13 and 18b by real execution at a small scale on a clock modelled from this machine's
 measured steps (so that the shared machine's load does not move them), and the sharing and
-preemption figures at sizes where their effects show, and the KV page dtype ablation (accuracy by
-real execution, serving in the simulator): each quick size is one whose numbers
+preemption figures at sizes where their effects show, the KV page dtype ablation (accuracy by
+real execution, serving in the simulator), and speculative decoding by batch size (real
+execution, with a serving row: about six minutes more, two servers started): each quick size is one whose numbers
 hold from run to run, not a smoke test (those are the modules' `tiny` sizes). Fig. 18a needs
 a GPU: on a CPU its row says so. --full runs every figure at its reference size (an hour or
 more on a CPU). On a GPU the modules pick their GPU sizes (bigger models, longer contexts).
