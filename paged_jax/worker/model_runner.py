@@ -287,7 +287,7 @@ class ModelRunner:
         if not rows:
             return StepResult(prompt_logprobs=prompt)
         drafted = any(c.draft_token_ids for _, c, _ in rows)
-        sampled = self._verify(logits, rows, first, bucket) if drafted \
+        sampled = self._verify(logits, rows, first, bucket, flags) if drafted \
             else [[s] for s in self._sample(logits, rows, first, bucket, fan_out or bool(bucket.num_logits), flags)]
         if on_step is not None:
             on_step(0, sampled)
@@ -312,10 +312,11 @@ class ModelRunner:
         every-token variant returns more logits, and the verifier takes only those it needs)."""
         return min(bucket.num_tokens, bucket.num_seqs * (self.num_speculative_tokens + 1))
 
-    def _verify(self, logits, rows: list[SamplerRow], first: np.ndarray, bucket: Bucket) -> list[list[Sampled]]:
+    def _verify(self, logits, rows: list[SamplerRow], first: np.ndarray, bucket: Bucket,
+                flags: SamplerFlags) -> list[list[Sampled]]:
         """Each row's accepted drafts and the token after them (rejection_sampler.py)."""
-        index, drafts, batch, spans = verification_batch(rows, first, self._verifier_rows(bucket), self.spec)
-        accepted, result = self._read(verify(logits, index, drafts, batch, sampler_flags(rows)))
+        index, drafts, batch, spans = verification_batch(rows, first, self._verifier_rows(bucket), flags, self.spec)
+        accepted, result = self._read(verify(logits, index, drafts, batch, flags))
         out, n = [], 0
         for (_, c, _), span in zip(rows, spans):
             kept = next((j for j in range(span - 1) if not accepted[n + j]), span - 1)  # drafts kept

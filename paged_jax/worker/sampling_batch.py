@@ -75,12 +75,14 @@ def sampling_batch(placed: list[tuple[int, tuple[ScheduledChunk, Sequence]]], nu
 
 
 def verification_batch(rows: list[tuple[int, ScheduledChunk, Sequence]], first: np.ndarray, min_rows: int,
-                       spec: ExecutorSpec) -> tuple[np.ndarray, np.ndarray, SamplingBatch, list[int]]:
+                       flags: SamplerFlags, spec: ExecutorSpec
+                       ) -> tuple[np.ndarray, np.ndarray, SamplingBatch, list[int]]:
     """The rejection sampler's inputs for a step's rows (worker/rejection_sampler.py): a row
     whose chunk has d drafts spans d + 1 verifier rows, on the logits from first[its chunk]
     on, each with its draft (the last with none) and the index in the output of the token it
-    decides as its counter. Padded to min_rows rows (the bucket's, for which the verifier is
-    compiled), or a power of two past that. Returns (logits index, drafts, batch, spans)."""
+    decides as its counter; flags are the step's (sampler_flags). Padded to min_rows rows (the
+    bucket's, for which the verifier is compiled), or a power of two past that. Returns
+    (logits index, drafts, batch, spans)."""
     spans = [len(c.draft_token_ids) + 1 for _, c, _ in rows]
     total = sum(spans)
     num_rows = min_rows if total <= min_rows else 1 << (total - 1).bit_length()
@@ -92,5 +94,5 @@ def verification_batch(rows: list[tuple[int, ScheduledChunk, Sequence]], first: 
         offsets[n : n + span] = np.arange(span)
         placed += [(n + j, (c, seq)) for j in range(span)]
         n += span
-    batch = sampling_batch(placed, num_rows, sampler_flags(rows), spec)
+    batch = sampling_batch(placed, num_rows, flags, spec)
     return index, drafts, batch.replace(counters=batch.counters + offsets), spans
