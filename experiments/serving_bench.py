@@ -219,6 +219,11 @@ def summarize(results: list[Result], rate: float, duration: float) -> dict:
 # -- servers ---------------------------------------------------------------------------------------------
 
 
+def served_model(url: str) -> str:
+    """The name a running server serves its model under (what requests must name)."""
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
 def free_port() -> int:
     import socket
 
@@ -283,9 +288,17 @@ class Server:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its threads so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of a process, its threads and its live descendants
+    (vLLM's engine core is a child process of its API server), from Linux's /proc."""
+    stats = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = path.read_text().rsplit(")", 1)[1].split()
+            stats[int(path.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
+    tree = {pid}
+    while more := {child for child, (parent, _) in stats.items() if parent in tree and child not in tree}:
+        tree |= more
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def warm(url: str, system: str, model_name: str, prompts, seed: int) -> None:
@@ -296,8 +309,14 @@ def warm(url: str, system: str, model_name: str, prompts, seed: int) -> None:
     asyncio.run(run_rate(url, system, model_name, prompts[:32], float("inf"), seed))
 
 
-def bench_rate(url: str, system: str, model_name: str, prompts, rate: float, seed: int) -> dict:
+def bench_rate(url: str, system: str, model_name: str, prompts, rate: float, seed: int,
+               pid: int | None = None) -> dict:
+    """One rate's row; with the server's pid, its CPU seconds (all its threads) per 1,000 output
+    tokens: what serving costs the machine, steadier than a time on a shared one."""
+    before = _cpu_seconds(pid) if pid else None
     row = asyncio.run(run_rate(url, system, model_name, prompts, rate, seed))
+    if pid and row["total_output_tokens"]:
+        row["cpu_s_per_1k_tokens"] = 1000 * (_cpu_seconds(pid) - before) / row["total_output_tokens"]
     print(f"{system} rate {rate}: {row['completed']}/{row['num_requests']} done in {row['duration_s']:.1f} s, "
           f"{row['output_throughput']:.0f} tok/s, median TTFT {row['ttft_ms']['median']} ms", flush=True)
     return row
@@ -309,7 +328,7 @@ def bench_rate(url: str, system: str, model_name: str, prompts, rate: float, see
 def table(data: dict) -> str:
     header = ["system", "rate (req/s)", "done", "req/s", "output tok/s", "TTFT mean / median / p99 (ms)",
               "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "tokens per chunk",
-              "E2E mean / median / p99 (ms)", "idle server's CPU (s)"]
+              "E2E mean / median / p99 (ms)", "server CPU s per 1k output tokens", "idle server's CPU (s)"]
 
     def three(s):
         return " / ".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("mean", "median", "p99"))
@@ -321,7 +340,7 @@ def table(data: dict) -> str:
                          f"{r['request_throughput']:.2f}", f"{r['output_throughput']:.0f}", three(r["ttft_ms"]),
                          three(r["tpot_ms"]), three(r["itl_ms"]),
                          "-" if r.get("tokens_per_chunk") is None else f"{r['tokens_per_chunk']:.2f}",
-                         three(r["e2el_ms"]),
+                         three(r["e2el_ms"]), f"{r['cpu_s_per_1k_tokens']:.2f}" if "cpu_s_per_1k_tokens" in r else "-",
                          f"{r['idle_cpu_s']:.2f}" if "idle_cpu_s" in r else "-"])
     lines = [data["workload"], "", markdown_table(header, rows), ""]
     for system, run in data["systems"].items():
@@ -396,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--base-url", help="bench this running server instead of starting the systems")
     parser.add_argument("--name", default="server", help="the system's name with --base-url")
+    parser.add_argument("--server-pid", type=int, help="with --base-url: the server's process, for its CPU time")
     parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES))
     parser.add_argument("--num-prompts", type=int, default=60)
     parser.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
@@ -418,10 +438,11 @@ def main(argv: list[str] | None = None) -> dict:
                          f"cut from standard-library source; Poisson arrivals; greedy, every request generating "
                          f"its max_tokens; streamed."), "systems": {}}
     if args.base_url:
+        model_name = served_model(args.base_url)
         warm(args.base_url, "paged-jax", model_name, prompts, args.seed)
         data["systems"][args.name] = {"command": ["(already running)", args.base_url], "startup_seconds": 0.0,
                                       "rates": [bench_rate(args.base_url, "paged-jax", model_name, prompts, rate,
-                                                           args.seed) for rate in args.rates]}
+                                                           args.seed, args.server_pid) for rate in args.rates]}
     # The servers stay up and take turns, rate by rate (the first to go rotates): the machine's
     # load drifts, and one system measured after the other would carry the drift.
     with contextlib.ExitStack() as stack:
@@ -440,12 +461,13 @@ def main(argv: list[str] | None = None) -> dict:
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
                 data["systems"][system] = {"error": f"{error} {' | '.join(tail)}"[:600]}
                 print(f"{system}: {data['systems'][system]['error']}", file=sys.stderr)
-        for i, rate in enumerate(args.rates):
+        for i, rate in enumerate(args.rates if servers else []):
             order = list(servers)
             for system in order[i % len(order):] + order[:i % len(order)]:
                 others = [servers[o].process.pid for o in servers if o != system]
                 before = sum(map(_cpu_seconds, others))
-                row = bench_rate(servers[system].url, system, model_name, prompts, rate, args.seed)
+                row = bench_rate(servers[system].url, system, model_name, prompts, rate, args.seed,
+                                 servers[system].process.pid)
                 row["idle_cpu_s"] = round(sum(map(_cpu_seconds, others)) - before, 2)
                 data["systems"][system]["rates"].append(row)
     name = args.output or f"serving_{device_slug()}"

@@ -15,6 +15,7 @@ import pytest
 from server_process import running_server
 from transformers import AutoTokenizer
 
+from experiments import serving_bench
 from paged_jax import LLM, SamplingParams
 from paged_jax.server.serve import DEFAULT_MODEL
 
@@ -92,3 +93,12 @@ def test_chat_uses_the_checkpoint_template_as_hugging_face_renders_it(url, clien
     assert response.choices[0].finish_reason == expected.outputs[0].finish_reason
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.outputs[0].text
+
+
+def test_the_serving_benchmark_drives_a_running_server(url, tmp_path):
+    data = serving_bench.main(["--base-url", url, "--name", "ours", "--dataset", "random", "--num-prompts", "4",
+                               "--input-len", "16", "--output-len", "8", "--rates", "50",
+                               "--output", str(tmp_path / "bench")])
+    (row,) = data["systems"]["ours"]["rates"]
+    assert row["completed"] == 4 and row["errors"] == [] and row["short_outputs"] == 0
+    assert (tmp_path / "bench.md").exists() and "cpu_s_per_1k_tokens" not in row  # no --server-pid

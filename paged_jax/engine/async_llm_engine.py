@@ -324,13 +324,14 @@ class AsyncLLMEngine:
         with the step's outputs). Sent at once rather than through the outbox: a
         data-parallel front calls this from one thread per engine. The loop goes on unless a
         client has sent something (a new request is then admitted without waiting for it)."""
+        calls = []
         for output in outputs:
             if self.on_output is not None:
                 self.on_output(output)
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                with contextlib.suppress(RuntimeError):  # the client's event loop is closed
-                    stream.loop.call_soon_threadsafe(stream.put, output)
+                calls.append((stream.loop, stream.put, (output,)))
+        _post(calls)
         return not self._commands.queue
 
     def _fail(self, stream: RequestStream, error: BaseException) -> None:
@@ -346,8 +347,24 @@ class AsyncLLMEngine:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        for loop, method, args in outbox:
-            try:
-                loop.call_soon_threadsafe(method, *args)
-            except RuntimeError:  # the client's event loop is closed: nobody is listening
-                pass
+        _post(outbox)
+
+
+def _post(calls: list[tuple[asyncio.AbstractEventLoop, Callable, tuple]]) -> None:
+    """Run (loop, method, args) calls on their event loops, in order: one wake-up of each loop
+    for all its calls, not one per call (a step brings an output for each of hundreds of
+    streams, and every wake-up is a write to the loop's self-pipe and a turn of its loop)."""
+    batches: dict[asyncio.AbstractEventLoop, list[tuple[Callable, tuple]]] = {}
+    for loop, method, args in calls:
+        batches.setdefault(loop, []).append((method, args))
+    for loop, batch in batches.items():
+        with contextlib.suppress(RuntimeError):  # the client's event loop is closed: nobody is listening
+            loop.call_soon_threadsafe(_run_batch, batch)
+
+
+def _run_batch(batch: list[tuple[Callable, tuple]]) -> None:
+    for method, args in batch:
+        try:
+            method(*args)
+        except Exception:  # as a handle of its own would: logged, and the others still run
+            logger.exception("delivering to a request stream failed")

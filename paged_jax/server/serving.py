@@ -319,7 +319,12 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from several streams as they come."""
+    """(prompt index, output) from several streams as they come. One stream (one prompt, the
+    usual request) is read directly: a task per output would cost more than the output."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
     pending = {asyncio.ensure_future(s.get()): i for i, s in enumerate(streams) if not s.finished}
     try:
         while pending:
