@@ -160,10 +160,14 @@ def owner(ends: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.minimum(found, ends.shape[0] - 1)
 
 
-def tile_metadata(cu_q_lens: jax.Array, context_lens: jax.Array, plan: TilePlan):
+def tile_metadata(cu_q_lens: jax.Array, context_lens: jax.Array, plan: TilePlan, owned: jax.Array | None = None):
     """int32[num_tiles, 4]: (seq, first query token, tokens in tile, position of the first
-    token), and int32[num_seqs]: each sequence's first tile. Unused tiles have no tokens."""
+    token), and int32[num_seqs]: each sequence's first tile. Unused tiles have no tokens.
+    With `owned` (bool[num_seqs]) the tiles cover only those sequences (a plan for some of a
+    batch's sequences, e.g. those decoding one token); the others get none."""
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    if owned is not None:
+        q_lens = jnp.where(owned, q_lens, 0)
     tiles_per_seq = cdiv(q_lens, plan.tokens_per_tile)
     tile_end = jnp.cumsum(tiles_per_seq)
     tile_start = tile_end - tiles_per_seq
@@ -177,13 +181,18 @@ def tile_metadata(cu_q_lens: jax.Array, context_lens: jax.Array, plan: TilePlan)
     return tiles, tile_start
 
 
-def token_tiles(cu_q_lens: jax.Array, tile_start: jax.Array, plan: TilePlan, num_tokens: int):
+def token_tiles(cu_q_lens: jax.Array, tile_start: jax.Array, plan: TilePlan, num_tokens: int,
+                owned: jax.Array | None = None):
     """For each query token: its tile, its index within the tile, and whether it is a real
-    token (tokens past cu_q_lens[-1] are padding)."""
+    token of the tiles (tokens past cu_q_lens[-1] are padding; with `owned`, as in
+    tile_metadata, tokens of the other sequences are not the tiles')."""
     token = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = owner(cu_q_lens[1:], token)
     in_seq = token - cu_q_lens[seq]
-    return tile_start[seq] + in_seq // plan.tokens_per_tile, in_seq % plan.tokens_per_tile, token < cu_q_lens[-1]
+    is_query = token < cu_q_lens[-1]
+    if owned is not None:
+        is_query &= owned[seq]
+    return tile_start[seq] + in_seq // plan.tokens_per_tile, in_seq % plan.tokens_per_tile, is_query
 
 
 def merge_partitions(o: jax.Array, lse: jax.Array) -> jax.Array:

@@ -6,8 +6,10 @@ table width for every sequence and grows with num_seqs x max_q_len. Here all que
 same tiles as the Pallas kernel, see tiling.py) advance together through their contexts one
 chunk of pages at a time with an online softmax, each from its own context_start (see
 tiling.py), so a step reads about as much K/V as its tiles actually see, whatever max_q_len
-is and however long a sequence with a sliding window has grown. XLA compiles it for any
-device; on a CPU it is the fast backend.
+is and however long a sequence with a sliding window has grown. In a step that mixes prompts
+with decoding sequences, the decoding ones get tiles of one token of their own (on a CPU a
+tile's empty rows cost as much as full ones). XLA compiles it for any device; on a CPU it is
+the fast backend.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from pallas_kernels.tiling import (
 )
 
 CHUNK_TOKENS = 32  # measured on a 2-core CPU: 16-64 similar, 128 is 2-4x slower (cache misses)
-# Tiles are sorted by how much context they read and cut into this many groups, each looping
-# only as long as its own longest (a batch of 48 decodes with ShareGPT-like lengths: 2.3x
-# faster attention than one group; lengths all alike: 1.2x slower, from the extra loops). Measured on a 2-core CPU
-# with 2, 4 and 8 groups; small calls keep one group.
+# Tiles are sorted by how much context they read and attended a batch at a time, each batch
+# looping only as long as its own longest; a full call makes about this many batches (a batch
+# of 48 decodes with ShareGPT-like lengths: 2.3x faster attention than one batch; lengths all
+# alike: 1.2x slower, from the extra loops; measured on a 2-core CPU with 2, 4 and 8). Small
+# calls keep one batch.
 LENGTH_GROUPS = 4
 MIN_TILES_TO_GROUP = 16
 # bfloat16 and float8_e4m3fn pages are stored as their bits. XLA's CPU scatter widens a
@@ -110,15 +113,46 @@ def ragged_paged_attention_xla(
                            v_scales=v_scales)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, block_size, _ = k_pages.shape
-    group = num_q_heads // num_kv_heads
-    plan = plan_tiles(
-        num_tokens=num_tokens, num_seqs=block_tables.shape[0], max_q_len=max_q_len or num_tokens,
-        group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-        max_context=block_tables.shape[1] * block_size, min_rows=1,
+    num_seqs = block_tables.shape[0]
+    plan_for = functools.partial(
+        plan_tiles, num_tokens=num_tokens, group=num_q_heads // num_kv_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, block_size=block_size, max_context=block_tables.shape[1] * block_size, min_rows=1,
         chunk=max(block_size, CHUNK_TOKENS), num_splits=1,
     )
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    tiles, tile_start = tile_metadata(cu_q_lens, context_lens, plan)
+    plan = plan_for(num_seqs=num_seqs, max_q_len=max_q_len or num_tokens)
+    attend = functools.partial(
+        _attend_plan, q, (k_pages, k_scales), (v_pages, v_scales), block_tables, context_lens, cu_q_lens,
+        scale=1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale, sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    if plan.tokens_per_tile == 1:
+        return attend(plan).astype(q.dtype)
+    # A step that mixes prompts with sequences decoding one token: a tile of `plan` would give
+    # each of those a whole tile's rows for its one token (a step of 160 decodes and 3 prompts
+    # took 3-4x the time of the two apart, experiments/results/mixed_attention_cpu.md). So
+    # they get tiles of one token of their own, and the others (at most half the tokens) the
+    # plan's tiles.
+    single = cu_q_lens[1:] - cu_q_lens[:-1] == 1  # bool[num_seqs]
+    many = plan_for(num_seqs=min(num_seqs, num_tokens // 2), max_q_len=max_q_len or num_tokens)
+    out = attend(plan_for(num_seqs=num_seqs, max_q_len=1), single) + attend(many, ~single)
+    return out.astype(q.dtype)
+
+
+def _attend_plan(
+    q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
+    k_cache: tuple,  # (pages [Hkv, num_blocks, block_size, D] as stored, float32[Hkv, num_blocks, block_size] | None)
+    v_cache: tuple,  # (pages, scales) likewise
+    block_tables: jax.Array,  # int32[num_seqs, max_blocks_per_seq]
+    context_lens: jax.Array,  # int32[num_seqs]
+    cu_q_lens: jax.Array,  # int32[num_seqs + 1]
+    plan: TilePlan,
+    owned: jax.Array | None = None,  # bool[num_seqs]: the sequences plan's tiles hold; None = all
+    **options,  # scale, sliding_window, soft_cap: see _attend
+) -> jax.Array:  # [num_tokens, num_q_heads, head_dim] float32, zeros for tokens the tiles do not hold
+    """Attention of the query tokens that plan's tiles hold, their tiles longest first."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, group = k_cache[0].shape[0], plan.group
+    tiles, tile_start = tile_metadata(cu_q_lens, context_lens, plan, owned)
     seq, first_token, num_q, first_pos = tiles.T
     tpt, num_tiles = plan.tokens_per_tile, plan.num_tiles
 
@@ -130,41 +164,57 @@ def ragged_paged_attention_xla(
     row_pos = jnp.where(offset < num_q[:, None], first_pos[:, None] + offset, -1)  # [tiles, tpt]
     row_pos = jnp.repeat(row_pos, group, axis=1)  # [tiles, rows]
     kv_end = jnp.where(num_q > 0, first_pos + num_q, 0)
-    kv_start = jnp.where(num_q > 0, context_start(first_pos, sliding_window, plan.chunk), 0)
+    kv_start = jnp.where(num_q > 0, context_start(first_pos, options["sliding_window"], plan.chunk), 0)
     tables = padded_block_tables(block_tables, plan)[seq]  # [tiles, width]
-    attend = functools.partial(_attend, k_cache=(k_pages, k_scales), v_cache=(v_pages, v_scales), plan=plan,
-                               scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    attend = functools.partial(_attend, k_cache=k_cache, v_cache=v_cache, plan=plan, **options)
+    # A full call's tiles in about LENGTH_GROUPS batches (a step's tile count is a bound: most
+    # of a mixed step's are empty).
+    batch = cdiv(min(num_tiles, cdiv(num_tokens, tpt)), LENGTH_GROUPS)
+    out, slot = _longest_first(attend, batch, q_tiles, tables, row_pos, kv_start, kv_end)
 
-    # Tiles sorted by how much context they read, in groups that each stop at their own
-    # longest: a batch of mostly short sequences no longer pays for its longest one everywhere.
-    # Few tiles make one group, read unsorted.
-    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens)
-    tile = jnp.clip(tile, 0, num_tiles - 1)
+    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens, owned)
+    out = out.reshape(num_kv_heads, -1, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
+    out = out.reshape(-1, tpt, num_q_heads, head_dim)[slot[jnp.clip(tile, 0, num_tiles - 1)], index]
+    return jnp.where(is_query[:, None, None], out, 0.0)
+
+
+def _longest_first(
+    attend,  # (q_tiles, tables, row_pos, kv_start, kv_end) -> [Hkv, tiles, rows, D]: _attend
+    batch: int,  # tiles attended together
+    q_tiles: jax.Array,  # [Hkv, tiles, rows, D]
+    tables: jax.Array,  # int32[tiles, width]
+    row_pos: jax.Array,  # int32[tiles, rows]
+    kv_start: jax.Array,  # int32[tiles]
+    kv_end: jax.Array,  # int32[tiles]
+) -> tuple[jax.Array, jax.Array]:  # [Hkv, padded tiles, rows, D] float32, int32[tiles]: each tile's place in it
+    """Tiles sorted by how much context they read, longest first, and attended `batch` at a
+    time, so that a batch of mostly short sequences does not pay for the longest one
+    everywhere, and the batches of empty tiles (those past a step's sequences) never run: the
+    loop stops at the last batch with work. Few tiles are attended together, unsorted."""
+    num_tiles = kv_end.shape[0]
     if num_tiles < MIN_TILES_TO_GROUP:
-        out = attend(q_tiles, tables, row_pos, kv_start, kv_end)  # [Hkv, tiles, rows, D]
-    else:
-        size = cdiv(num_tiles, LENGTH_GROUPS)
-        order = jnp.argsort(kv_end - kv_start)
+        return attend(q_tiles, tables, row_pos, kv_start, kv_end), jnp.arange(num_tiles)
+    length = kv_end - kv_start
+    order = jnp.argsort(-length)
+    padding = cdiv(num_tiles, batch) * batch - num_tiles
 
-        def sorted_padded(x, axis, fill=0):  # tiles in order, padded with empty tiles to groups x size
-            widths = [(0, 0)] * x.ndim
-            widths[axis] = (0, LENGTH_GROUPS * size - num_tiles)
-            return jnp.pad(jnp.take(x, order, axis=axis), widths, constant_values=fill)
+    def longest_first(x, axis, fill=0):  # tiles in order, padded with empty tiles to whole batches
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, padding)
+        return jnp.pad(jnp.take(x, order, axis=axis), widths, constant_values=fill)
 
-        q_tiles, tables = sorted_padded(q_tiles, 1), sorted_padded(tables, 0)
-        kv_start, kv_end = sorted_padded(kv_start, 0), sorted_padded(kv_end, 0)
-        row_pos = sorted_padded(row_pos, 0, fill=-1)
-        parts = []
-        for g in range(LENGTH_GROUPS):
-            part = functools.partial(lax.slice_in_dim, start_index=g * size, limit_index=(g + 1) * size)
-            parts.append(attend(part(q_tiles, axis=1), part(tables, axis=0), part(row_pos, axis=0),
-                                part(kv_start, axis=0), part(kv_end, axis=0)))
-        out = jnp.concatenate(parts, axis=1)[:, :num_tiles]  # [Hkv, tiles (sorted), rows, D]
-        tile = jnp.argsort(order)[tile]  # where each token's tile went in the sorted order
-    out = out.reshape(num_kv_heads, num_tiles, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
-    out = out.reshape(num_tiles, tpt, num_q_heads, head_dim)
-    out = out[tile, index]
-    return jnp.where(is_query[:, None, None], out, 0.0).astype(q.dtype)
+    q_tiles, tables = longest_first(q_tiles, 1), longest_first(tables, 0)
+    row_pos, kv_start, kv_end = longest_first(row_pos, 0, fill=-1), longest_first(kv_start, 0), longest_first(kv_end, 0)
+
+    def run(b, out):
+        part = functools.partial(lax.dynamic_slice_in_dim, start_index=b * batch, slice_size=batch)
+        done = attend(part(q_tiles, axis=1), part(tables, axis=0), part(row_pos, axis=0),
+                      part(kv_start, axis=0), part(kv_end, axis=0))
+        return lax.dynamic_update_slice_in_dim(out, done, b * batch, axis=1)
+
+    busy = jnp.count_nonzero(length > 0)
+    out = lax.fori_loop(0, cdiv(busy, batch), run, jnp.zeros(q_tiles.shape, jnp.float32))
+    return out, jnp.argsort(order)
 
 
 def _attend(

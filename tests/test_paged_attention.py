@@ -144,8 +144,8 @@ def test_xla_backend_matches_dense(rng, batch, block_size):
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "mixed"])
 def test_xla_backend_length_groups_keep_every_tile_exact(rng, prefill):
-    """Many tiles are sorted by context length and split into groups that stop at their own
-    longest; each token must still see exactly its own context, whichever group it lands in."""
+    """Many tiles are sorted by context length and attended in batches that stop at their own
+    longest; each token must still see exactly its own context, whichever batch it lands in."""
     import pallas_kernels.xla_attention as xa
 
     context_lens = list(rng.integers(1, 300, 37)) + [1, 299, 64]
@@ -157,6 +157,20 @@ def test_xla_backend_length_groups_keep_every_tile_exact(rng, prefill):
         out = pk.get_backend("xla").ragged_paged_attention(*problem.args, max_q_len=max_q_len)
         assert relative_error(out, dense_attention(problem)) < 1e-5
         assert np.all(np.asarray(out[-3:]) == 0)
+
+
+def test_xla_backend_mixed_step_as_the_engine_pads_it_is_exact(rng):
+    """A step's bucket: sequences decoding one token (tiles of one token of their own), a
+    prompt, chunks and a two-token sequence (tiles of many tokens), then empty sequence slots
+    and padding tokens. Most of the bucket's tiles hold nothing and are never run; every token
+    must still see exactly its own context, and padding stays zero."""
+    context_lens = list(rng.integers(1, 300, 40)) + [1, 64, 299, 50] + [0] * 30
+    q_lens = [1] * 40 + [1, 64, 40, 2] + [0] * 30
+    problem = make_problem(rng, context_lens=context_lens, q_lens=q_lens, block_size=16,
+                           num_q_heads=4, num_kv_heads=2, head_dim=32, padding_tokens=20)
+    out = pk.get_backend("xla").ragged_paged_attention(*problem.args)
+    assert relative_error(out, dense_attention(problem)) < 1e-5
+    assert np.all(np.asarray(out[-20:]) == 0)
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 32])
