@@ -181,18 +181,13 @@ def tile_metadata(cu_q_lens: jax.Array, context_lens: jax.Array, plan: TilePlan,
     return tiles, tile_start
 
 
-def token_tiles(cu_q_lens: jax.Array, tile_start: jax.Array, plan: TilePlan, num_tokens: int,
-                owned: jax.Array | None = None):
+def token_tiles(cu_q_lens: jax.Array, tile_start: jax.Array, plan: TilePlan, num_tokens: int):
     """For each query token: its tile, its index within the tile, and whether it is a real
-    token of the tiles (tokens past cu_q_lens[-1] are padding; with `owned`, as in
-    tile_metadata, tokens of the other sequences are not the tiles')."""
+    token (tokens past cu_q_lens[-1] are padding)."""
     token = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = owner(cu_q_lens[1:], token)
     in_seq = token - cu_q_lens[seq]
-    is_query = token < cu_q_lens[-1]
-    if owned is not None:
-        is_query &= owned[seq]
-    return tile_start[seq] + in_seq // plan.tokens_per_tile, in_seq % plan.tokens_per_tile, is_query
+    return tile_start[seq] + in_seq // plan.tokens_per_tile, in_seq % plan.tokens_per_tile, token < cu_q_lens[-1]
 
 
 def merge_partitions(o: jax.Array, lse: jax.Array) -> jax.Array:

@@ -34,7 +34,6 @@ from pallas_kernels.tiling import (
     sees,
     soft_capped,
     tile_metadata,
-    token_tiles,
 )
 
 CHUNK_TOKENS = 32  # measured on a 2-core CPU: 16-64 similar, 128 is 2-4x slower (cache misses)
@@ -149,72 +148,48 @@ def _attend_plan(
     owned: jax.Array | None = None,  # bool[num_seqs]: the sequences plan's tiles hold; None = all
     **options,  # scale, sliding_window, soft_cap: see _attend
 ) -> jax.Array:  # [num_tokens, num_q_heads, head_dim] float32, zeros for tokens the tiles do not hold
-    """Attention of the query tokens that plan's tiles hold, their tiles longest first."""
+    """Attention of the query tokens that plan's tiles hold. The tiles are sorted by how much
+    context they read, longest first, and attended a batch at a time, each batch looping only
+    as long as its own longest: a batch of mostly short sequences does not pay for the longest
+    one everywhere. The loop stops at the last batch with work, so the tiles a bucket has
+    beyond its step's sequences cost nothing (a mixed step's plan bounds its tiles by many
+    more sequences than it has), and each batch gathers its own queries and scatters its own
+    results. Few tiles are attended together, unsorted."""
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, group = k_cache[0].shape[0], plan.group
-    tiles, tile_start = tile_metadata(cu_q_lens, context_lens, plan, owned)
-    seq, first_token, num_q, first_pos = tiles.T
-    tpt, num_tiles = plan.tokens_per_tile, plan.num_tiles
-
-    offset = jnp.arange(tpt)
-    token = jnp.clip(first_token[:, None] + offset, 0, num_tokens - 1)  # [tiles, tpt]
-    # Rows (token, head-in-group) of each tile, KV heads leading: [Hkv, tiles, tpt * G, D].
-    q_tiles = q[token].reshape(num_tiles, tpt, num_kv_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
-    q_tiles = q_tiles.reshape(num_kv_heads, num_tiles, tpt * group, head_dim)
-    row_pos = jnp.where(offset < num_q[:, None], first_pos[:, None] + offset, -1)  # [tiles, tpt]
-    row_pos = jnp.repeat(row_pos, group, axis=1)  # [tiles, rows]
+    num_kv_heads, group, tpt = k_cache[0].shape[0], plan.group, plan.tokens_per_tile
+    tiles, _ = tile_metadata(cu_q_lens, context_lens, plan, owned)
+    seq, first_token, num_q, first_pos = tiles.T  # each [tiles]
     kv_end = jnp.where(num_q > 0, first_pos + num_q, 0)
     kv_start = jnp.where(num_q > 0, context_start(first_pos, options["sliding_window"], plan.chunk), 0)
-    tables = padded_block_tables(block_tables, plan)[seq]  # [tiles, width]
-    attend = functools.partial(_attend, k_cache=k_cache, v_cache=v_cache, plan=plan, **options)
-    # A full call's tiles in about LENGTH_GROUPS batches (a step's tile count is a bound: most
-    # of a mixed step's are empty).
-    batch = cdiv(min(num_tiles, cdiv(num_tokens, tpt)), LENGTH_GROUPS)
-    out, slot = _longest_first(attend, batch, q_tiles, tables, row_pos, kv_start, kv_end)
+    tables = padded_block_tables(block_tables, plan)  # [num_seqs, width]
+    offset = jnp.arange(tpt)
 
-    tile, index, is_query = token_tiles(cu_q_lens, tile_start, plan, num_tokens, owned)
-    out = out.reshape(num_kv_heads, -1, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
-    out = out.reshape(-1, tpt, num_q_heads, head_dim)[slot[jnp.clip(tile, 0, num_tiles - 1)], index]
-    return jnp.where(is_query[:, None, None], out, 0.0)
+    def attend(ids, out):  # tiles ids [n]: their tokens' attention written into out [T, Hq, D]
+        token = jnp.clip(first_token[ids, None] + offset, 0, num_tokens - 1)  # [n, tpt]
+        # Rows (token, head-in-group) of each tile, KV heads leading: [Hkv, n, tpt * G, D].
+        q_tiles = q[token].reshape(-1, tpt, num_kv_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
+        q_tiles = q_tiles.reshape(num_kv_heads, -1, tpt * group, head_dim)
+        is_query = offset < num_q[ids, None]  # [n, tpt]
+        row_pos = jnp.repeat(jnp.where(is_query, first_pos[ids, None] + offset, -1), group, axis=1)
+        done = _attend(q_tiles, tables[seq[ids]], row_pos, kv_start[ids], kv_end[ids], k_cache=k_cache,
+                       v_cache=v_cache, plan=plan, **options)  # [Hkv, n, rows, D]
+        done = done.reshape(num_kv_heads, -1, tpt, group, head_dim).transpose(1, 2, 0, 3, 4)
+        rows = jnp.where(is_query, token, num_tokens)  # rows past a tile's tokens go nowhere
+        return out.at[rows].set(done.reshape(-1, tpt, num_q_heads, head_dim), mode="drop")
 
-
-def _longest_first(
-    attend,  # (q_tiles, tables, row_pos, kv_start, kv_end) -> [Hkv, tiles, rows, D]: _attend
-    batch: int,  # tiles attended together
-    q_tiles: jax.Array,  # [Hkv, tiles, rows, D]
-    tables: jax.Array,  # int32[tiles, width]
-    row_pos: jax.Array,  # int32[tiles, rows]
-    kv_start: jax.Array,  # int32[tiles]
-    kv_end: jax.Array,  # int32[tiles]
-) -> tuple[jax.Array, jax.Array]:  # [Hkv, padded tiles, rows, D] float32, int32[tiles]: each tile's place in it
-    """Tiles sorted by how much context they read, longest first, and attended `batch` at a
-    time, so that a batch of mostly short sequences does not pay for the longest one
-    everywhere, and the batches of empty tiles (those past a step's sequences) never run: the
-    loop stops at the last batch with work. Few tiles are attended together, unsorted."""
-    num_tiles = kv_end.shape[0]
+    out = jnp.zeros(q.shape, jnp.float32)
+    num_tiles = plan.num_tiles
     if num_tiles < MIN_TILES_TO_GROUP:
-        return attend(q_tiles, tables, row_pos, kv_start, kv_end), jnp.arange(num_tiles)
-    length = kv_end - kv_start
-    order = jnp.argsort(-length)
-    padding = cdiv(num_tiles, batch) * batch - num_tiles
+        return attend(jnp.arange(num_tiles), out)
+    # A full call's tiles in about LENGTH_GROUPS batches.
+    batch = cdiv(min(num_tiles, cdiv(num_tokens, tpt)), LENGTH_GROUPS)
+    order = jnp.argsort(kv_start - kv_end)  # longest first; empty tiles last
 
-    def longest_first(x, axis, fill=0):  # tiles in order, padded with empty tiles to whole batches
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, padding)
-        return jnp.pad(jnp.take(x, order, axis=axis), widths, constant_values=fill)
+    def run(b, out):  # the last batch may start before the previous one ended (dynamic_slice
+        # stays in range): its tiles are attended again, and write the same results
+        return attend(lax.dynamic_slice_in_dim(order, b * batch, batch), out)
 
-    q_tiles, tables = longest_first(q_tiles, 1), longest_first(tables, 0)
-    row_pos, kv_start, kv_end = longest_first(row_pos, 0, fill=-1), longest_first(kv_start, 0), longest_first(kv_end, 0)
-
-    def run(b, out):
-        part = functools.partial(lax.dynamic_slice_in_dim, start_index=b * batch, slice_size=batch)
-        done = attend(part(q_tiles, axis=1), part(tables, axis=0), part(row_pos, axis=0),
-                      part(kv_start, axis=0), part(kv_end, axis=0))
-        return lax.dynamic_update_slice_in_dim(out, done, b * batch, axis=1)
-
-    busy = jnp.count_nonzero(length > 0)
-    out = lax.fori_loop(0, cdiv(busy, batch), run, jnp.zeros(q_tiles.shape, jnp.float32))
-    return out, jnp.argsort(order)
+    return lax.fori_loop(0, cdiv(jnp.count_nonzero(num_q), batch), run, out)
 
 
 def _attend(
