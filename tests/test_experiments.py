@@ -120,3 +120,14 @@ def test_the_step_profile_replays_every_forward_step_and_decode_loop_step_of_a_r
     # every computed token once: 6 prompt tokens and 8 fed-back outputs per request
     assert profile["device_calls"] == len(calls) and profile["real_tokens"] == 3 * (6 + 8)
     assert profile["host"] == pytest.approx(0.1) and profile["attention"] + profile["roofline"] > 0
+
+
+def test_the_mixed_attention_benchmark_sets_a_steps_sequences_beside_the_buckets_they_get_apart():
+    from experiments.mixed_attention import apart, case_arrays
+
+    step = case_arrays(160, 3, 100, 512, 256, seed=0)
+    q_lens = np.diff(step["cu_q_lens"])
+    assert list(q_lens) == [1] * 160 + [100] * 3 + [0] * 93 and step["max_q_len"] == 512
+    assert step["q"].shape[0] == 512 and np.all(step["context_lens"][:160] >= 100)
+    assert apart(160, 3, 100) == [(160, 0, 0, 192, 192), (0, 3, 100, 512, 4)]
+    assert case_arrays(*apart(160, 3, 100)[0], seed=0)["max_q_len"] == 1
