@@ -15,7 +15,7 @@ of context and prompts 100 (vLLM's random trace). Each time is the fastest of --
 calls; each system's timings run in a subprocess of their own, in turns round by round, and
 the table gives the median over rounds.
 
-    python -m experiments.mixed_attention [--rounds 3] [--baseline REV]
+    python -m experiments.mixed_attention [--rounds 3] [--baseline REV] [--output NAME]
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ CASES = [
     ("60 decodes + 6 prompts", 60, 6, 100, 1024, 256),
     ("200 decodes + 1 prompt", 200, 1, 100, 512, 256),
     ("20 decodes + 2 prompts", 20, 2, 100, 256, 64),
+    ("64 decodes alone", 64, 0, 0, 64, 64),
     ("160 decodes alone", 160, 0, 0, 192, 192),
+    ("256 decodes alone", 256, 0, 0, 256, 256),
     ("3 prompts alone", 0, 3, 100, 512, 4),
     ("16 prompts alone", 0, 16, 100, 2048, 16),
 ]
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--baseline", default=BASELINE, help="git revision whose xla backend to time beside")
+    parser.add_argument("--output", default="mixed_attention_cpu", help="results/<output>.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON cases: time them here, print JSON
     args = parser.parse_args(argv)
     if args.worker:
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> str:
         + markdown_table(["step", "bucket (tokens, seqs)", f"{args.baseline} ms", "now ms", "speed-up",
                           "apart ms", f"{args.baseline} / apart", "now / apart"], rows)
     )
-    report("mixed_attention_cpu", "Attention of steps that mix prompts and decodes", body)
+    report(args.output, "Attention of steps that mix prompts and decodes", body)
     return body
 
 

@@ -38,11 +38,15 @@ from pallas_kernels.tiling import (
 
 CHUNK_TOKENS = 32  # measured on a 2-core CPU: 16-64 similar, 128 is 2-4x slower (cache misses)
 # Tiles are sorted by how much context they read and attended a batch at a time, each batch
-# looping only as long as its own longest; a full call makes about this many batches (a batch
-# of 48 decodes with ShareGPT-like lengths: 2.3x faster attention than one batch; lengths all
-# alike: 1.2x slower, from the extra loops; measured on a 2-core CPU with 2, 4 and 8). Small
-# calls keep one batch.
+# looping only as long as its own longest; a full call makes about LENGTH_GROUPS batches (a
+# batch of 48 decodes with ShareGPT-like lengths: 2.3x faster attention than one batch; lengths
+# all alike: 1.2x slower, from the extra loops; measured on a 2-core CPU with 2, 4 and 8), and
+# a batch holds at most TILES_PER_BATCH tiles (decodes of 100-200 tokens in a bucket of 128
+# to 256: 1.2-1.4x faster than batches of a quarter of them, smaller buckets alike; presumably
+# a smaller batch's gathered K/V stays in cache: experiments/results/mixed_attention_batch_cpu.md).
+# Small calls keep one batch.
 LENGTH_GROUPS = 4
+TILES_PER_BATCH = 16
 MIN_TILES_TO_GROUP = 16
 # bfloat16 and float8_e4m3fn pages are stored as their bits. XLA's CPU scatter widens a
 # bfloat16 operand to float32 and back, the whole cache for a write of a few tokens (48 ms a
@@ -181,8 +185,7 @@ def _attend_plan(
     num_tiles = plan.num_tiles
     if num_tiles < MIN_TILES_TO_GROUP:
         return attend(jnp.arange(num_tiles), out)
-    # A full call's tiles in about LENGTH_GROUPS batches.
-    batch = cdiv(min(num_tiles, cdiv(num_tokens, tpt)), LENGTH_GROUPS)
+    batch = min(cdiv(min(num_tiles, cdiv(num_tokens, tpt)), LENGTH_GROUPS), TILES_PER_BATCH)
     order = jnp.argsort(kv_start - kv_end)  # longest first; empty tiles last
 
     def run(b, out):  # the last batch may start before the previous one ended (dynamic_slice
