@@ -132,7 +132,7 @@ def ragged_paged_attention_xla(
         return attend(plan).astype(q.dtype)
     # A step that mixes prompts with sequences decoding one token: a tile of `plan` would give
     # each of those a whole tile's rows for its one token (a step of 160 decodes and 3 prompts
-    # took 3-4x the time of the two apart, experiments/results/mixed_attention_cpu.md). So
+    # took 3.5-4.5x the time of the two apart, experiments/results/mixed_attention_cpu.md). So
     # they get tiles of one token of their own, and the others (at most half the tokens) the
     # plan's tiles.
     single = cu_q_lens[1:] - cu_q_lens[:-1] == 1  # bool[num_seqs]
