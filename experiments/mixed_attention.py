@@ -54,8 +54,10 @@ CASES = [
 
 
 def case_arrays(decodes: int, prompts: int, prompt_len: int, tokens: int, seqs: int, seed: int) -> dict:
-    """A step's attention inputs (numpy), padded to its bucket; decode buckets (tokens ==
-    seqs, no prompts) have max_q_len 1."""
+    """A step's attention inputs (numpy), padded to its bucket (a decode bucket when it has
+    no prompts)."""
+    from paged_jax.worker.buckets import Bucket
+
     config = json.loads((MODEL / "config.json").read_text())
     heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     rng = np.random.default_rng(seed)
@@ -77,21 +79,24 @@ def case_arrays(decodes: int, prompts: int, prompt_len: int, tokens: int, seqs: 
     return dict(q=rng.standard_normal((tokens, heads, head_dim), np.float32),
                 pages=rng.standard_normal((kv_heads, NUM_BLOCKS, BLOCK_SIZE, head_dim), np.float32),
                 block_tables=tables, context_lens=context_lens, cu_q_lens=cu_q_lens,
-                max_q_len=1 if prompts == 0 and tokens == seqs else tokens)
+                max_q_len=Bucket(tokens, seqs, decode=prompts == 0).max_q_len)
 
 
 def apart(decodes: int, prompts: int, prompt_len: int) -> list[tuple]:
-    """The same sequences as two steps of their own: the decodes in their decode bucket, the
-    prompts in the smallest mixed bucket holding them."""
-    from paged_jax.worker.buckets import bucket_sizes, seq_sizes
+    """The same sequences as two steps of their own, each in the bucket the engine's runner
+    would pick (the smallest that fits, at the default engine settings)."""
+    from paged_jax.engine_args import EngineArgs
+    from paged_jax.worker.buckets import bucket_sizes, mixed_buckets
 
+    max_seqs, max_tokens = EngineArgs.max_num_seqs, 2048  # the defaults on a CPU (llm_engine.py)
     parts = []
-    if decodes:
-        size = next(s for s in bucket_sizes(1, 256, halves=True) if s >= decodes)
+    if decodes:  # decode buckets as ModelRunner makes them
+        size = next(s for s in bucket_sizes(1, max_seqs, halves=True) if s >= decodes)
         parts.append((decodes, 0, 0, size, size))
     if prompts:
-        tokens = next(t for t in bucket_sizes(16, 2048) if t >= prompts * prompt_len)
-        parts.append((0, prompts, prompt_len, tokens, next(s for s in seq_sizes(min(tokens, 256)) if s >= prompts)))
+        bucket = next(b for b in mixed_buckets(max_seqs, max_tokens)
+                      if b.num_tokens >= prompts * prompt_len and b.num_seqs >= prompts)
+        parts.append((0, prompts, prompt_len, bucket.num_tokens, bucket.num_seqs))
     return parts
 
 
